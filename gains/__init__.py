@@ -1,0 +1,1 @@
+"""GAInS: Gradient Anomaly-aware biomedical Instance Segmentation, in pure PyTorch."""
