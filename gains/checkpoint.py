@@ -1,0 +1,302 @@
+"""Checkpoints: atomic save, exact resume, weights for fine-tuning (and, later, foreign-format converters).
+
+A training checkpoint (`model_{iter:07d}.pth`, `model_final.pth` in the run's output_dir) is one dict:
+
+    format        "gains-checkpoint-v1"
+    model         state dict of the bare model (no DDP `module.` prefix)
+    optimizer     optimizer.state_dict()
+    scheduler     LR scheduler state_dict()
+    scaler        GradScaler state_dict() (None when AMP is off)
+    iteration     number of COMPLETED iterations; a resumed run starts its loop at this index
+    config        the resolved config (plain dict)
+    category_map  the data set's CategoryMap.to_dict() (json category id <-> contiguous label), or None
+    rng_states    one entry per rank: {"torch", "cuda", "python", "numpy"} generator states
+    world_size    number of processes that wrote it (RNG states are only restored for the same number)
+
+Everything in it is a tensor or a plain Python container, so `torch.load(weights_only=True)` reads it
+(no arbitrary pickles are executed when loading a checkpoint someone sent you). `last_checkpoint` beside
+the checkpoints holds the file name of the newest one; both are replaced atomically (tmp file + os.replace),
+so a crash or a full disk during a save leaves the previous files intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "gains-checkpoint-v1"
+LAST_CHECKPOINT = "last_checkpoint"
+_MAX_NAMES = 20  # key names listed in one error/warning before "... and N more"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model; the message names the keys."""
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _atomic_write(path: Path, write_fn) -> None:
+    """Call `write_fn(tmp_path)` then rename over `path`; on any failure the old `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """torch.save `state` to `path` atomically (tmp file in the same folder + os.replace)."""
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace a small text file atomically (last_checkpoint, metrics.jsonl rewrites)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(Path(path), write)
+
+
+def write_last_checkpoint(output_dir: str | os.PathLike, filename: str) -> None:
+    """Point `output_dir/last_checkpoint` at `filename` (a name inside output_dir, not a path)."""
+    write_text_atomic(Path(output_dir) / LAST_CHECKPOINT, filename + "\n")
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint named in `output_dir/last_checkpoint`, or None when there is none yet."""
+    marker = Path(output_dir) / LAST_CHECKPOINT
+    if not marker.is_file():
+        return None
+    name = marker.read_text().strip()
+    path = Path(output_dir) / name
+    if not name or not path.is_file():
+        raise CheckpointError(f"{marker} names {name!r}, which does not exist in {output_dir}; delete the "
+                              f"marker to start over or point it at an existing model_*.pth")
+    return path
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel (its state dict has no `module.` prefix)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def make_checkpoint(model: nn.Module, optimizer=None, scheduler=None, scaler=None, *, iteration: int,
+                    config: dict | None = None, category_map: dict | None = None,
+                    rng_states: list[dict] | None = None) -> dict:
+    """Assemble the checkpoint dict described in the module docstring (tensors stay on their devices;
+    torch.save writes them with their device and `read_checkpoint` maps them to CPU)."""
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return {
+        "format": FORMAT,
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "iteration": int(iteration),
+        "config": config,
+        "category_map": category_map,
+        "rng_states": rng_states,
+        "world_size": len(rng_states) if rng_states else 1,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict:
+    """Generator states of this process: torch CPU, current CUDA device, Python `random`, numpy global.
+
+    numpy's state is stored as plain ints so the checkpoint stays loadable with weights_only=True.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "python": random.getstate(),
+        "numpy": (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state` (the CUDA state is skipped when this process has no GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Run a block (evaluation, a seeded data-augmentation call) without moving any global generator,
+    so what happens inside cannot change the random stream that training sees."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file to CPU with weights_only=True; clear errors for missing/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".pkl":
+        # detectron2/MSRA pickles need a key converter (planned: `convert_detectron2`); refuse clearly now.
+        raise CheckpointError(f"{path}: detectron2/MSRA .pkl checkpoints are not supported here yet; backbone "
+                              f"ImageNet weights go in model.backbone.weights instead")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def _model_state_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded file: our checkpoint, {'model': sd}, or a bare state dict."""
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: no model state dict found (expected a gains checkpoint, a dict with "
+                              f"a 'model' state dict, or a bare state dict of tensors)")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model by other code
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_NAMES])
+    return shown + (f", ... and {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else "")
+
+
+@dataclass
+class LoadReport:
+    """How a state dict met a model: names of keys loaded, missing in the file, unexpected in the file,
+    and present in both with different shapes (name, shape in file, shape in model)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{len(self.loaded)} tensors loaded"]
+        if self.missing:
+            lines.append(f"missing in checkpoint ({len(self.missing)}): {_names(self.missing)}")
+        if self.unexpected:
+            lines.append(f"not in model ({len(self.unexpected)}): {_names(self.unexpected)}")
+        if self.shape_mismatched:
+            items = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in self.shape_mismatched]
+            lines.append(f"shape mismatch ({len(items)}): {_names(items)}")
+        return "; ".join(lines)
+
+
+def compare_state_dicts(model_sd: dict, ckpt_sd: dict) -> LoadReport:
+    """Classify every key of two state dicts (nothing is loaded)."""
+    report = LoadReport()
+    for k, v in model_sd.items():
+        if k not in ckpt_sd:
+            report.missing.append(k)
+        elif tuple(ckpt_sd[k].shape) != tuple(v.shape):
+            report.shape_mismatched.append((k, tuple(ckpt_sd[k].shape), tuple(v.shape)))
+        else:
+            report.loaded.append(k)
+    report.unexpected = [k for k in ckpt_sd if k not in model_sd]
+    return report
+
+
+def _config_differences(saved: dict | None, current: dict | None, prefix: str = "model") -> list[str]:
+    """Dotted keys under `model` whose values differ between two resolved configs (for error hints)."""
+    a = (saved or {}).get(prefix) if isinstance(saved, dict) else None
+    b = (current or {}).get(prefix) if isinstance(current, dict) else None
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, dotted: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{dotted}.{k}")
+        elif x != y:
+            out.append(f"{dotted}: checkpoint {x!r}, config {y!r}")
+    if a is not None and b is not None:
+        walk(a, b, prefix)
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
+                    config: dict | None = None) -> dict:
+    """Restore a gains checkpoint for resuming (strict) and return the whole checkpoint dict.
+
+    The model must match exactly: any missing, unexpected or shape-mismatched key raises CheckpointError
+    naming the keys (and, when `config` is given, the `model.*` config values that differ from the
+    checkpoint's). optimizer / scheduler / scaler are restored when given and present in the file. The
+    caller uses the returned dict's `iteration`, `rng_states` and `category_map`.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    model_sd = _model_state_from(ckpt, path)
+    bare = unwrap_model(model)
+    report = compare_state_dicts(bare.state_dict(), model_sd)
+    if report.missing or report.unexpected or report.shape_mismatched:
+        diffs = _config_differences(ckpt.get("config"), config.to_dict() if hasattr(config, "to_dict")
+                                    else config)
+        hint = ("\nconfig values that differ from the checkpoint's: " + "; ".join(diffs)) if diffs else ""
+        raise CheckpointError(f"checkpoint {path} does not match the model built from the config: "
+                              f"{report.describe()}{hint}")
+    bare.load_state_dict(model_sd)
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and scaler.is_enabled():
+        if ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        else:
+            logger.warning("%s has no AMP scaler state (trained without AMP); the scaler starts fresh", path)
+    return ckpt
+
+
+def load_weights_for_finetune(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Initialise `model` from another run's weights, loading every key whose name and shape match.
+
+    Typical use: start from a model trained on another data set, where the class-specific predictors have
+    a different number of classes. Missing, unexpected and shape-mismatched keys are skipped and logged by
+    name (a warning), and returned in the LoadReport. Nothing of the optimizer/iteration is taken. Raises
+    CheckpointError when not a single tensor fits (almost certainly the wrong file or architecture).
+    """
+    path = Path(path)
+    ckpt_sd = _model_state_from(read_checkpoint(path), path)
+    bare = unwrap_model(model)
+    report = compare_state_dicts(bare.state_dict(), ckpt_sd)
+    if not report.loaded:
+        raise CheckpointError(f"no tensor of {path} fits the model: {report.describe()}")
+    bare.load_state_dict({k: ckpt_sd[k] for k in report.loaded}, strict=False)
+    if report.missing or report.unexpected or report.shape_mismatched:
+        logger.warning("fine-tuning from %s: %s", path, report.describe())
+    else:
+        logger.info("fine-tuning from %s: all %d tensors loaded", path, len(report.loaded))
+    return report

@@ -1,0 +1,147 @@
+"""YAML configs: `_base_` inheritance, dotted `key=value` overrides, unknown keys are errors.
+
+Every key a run may use is declared, with a one-line comment, in `configs/base.yaml`. A dataset config names
+its parent with `_base_: base.yaml` (relative to its own folder) and overrides a few lines. Overrides from the
+command line use dotted paths (`solver.base_lr=0.01`); their values are parsed as YAML (`[640, 800]`, `null`,
+`true`). A key that base.yaml does not declare is rejected with its full dotted name, so a typo never trains
+silently with a default.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the file."""
+
+
+class Config(dict):
+    """A nested dict whose keys are also attributes (`cfg.solver.base_lr`).
+
+    Plain dict underneath, so it pickles, deep-copies and dumps to YAML like one.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def _wrap(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return Config({k: _wrap(v) for k, v in tree.items()})
+    return tree
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _load_chain(path: Path, seen: tuple = ()) -> dict:
+    """Load `path` merged over its `_base_` chain (base first), without key validation."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `_base_` cycle through {[str(p) for p in seen]}")
+    data = _read_yaml(path)
+    base_name = data.pop("_base_", None)
+    if base_name is None:
+        return data
+    base = _load_chain((path.parent / base_name), seen + (path,))
+    _merge_into(base, data, source=str(path), schema=None)
+    return base
+
+
+def _merge_into(dst: dict, src: dict, source: str, schema: dict | None, prefix: str = "") -> None:
+    """Recursively copy `src` into `dst`. With a `schema`, every key must exist there."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if schema is not None and key not in schema:
+            hint = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
+            raise ConfigError(
+                f"{source}: unknown config key {dotted!r}"
+                + (f" (did you mean {prefix + hint[0]!r}?)" if hint else "")
+                + f"; every key must be declared in {BASE_CONFIG.relative_to(CONFIG_DIR.parent)}"
+            )
+        sub_schema = schema.get(key) if schema is not None else None
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge_into(dst[key], value, source, sub_schema if isinstance(sub_schema, dict) else None,
+                        prefix=dotted + ".")
+        elif schema is not None and isinstance(sub_schema, dict) and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted!r} is a section ({', '.join(sub_schema)}); "
+                              f"set its keys, e.g. {dotted}.{next(iter(sub_schema))}=...")
+        else:
+            dst[key] = copy.deepcopy(value)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """`["solver.base_lr=0.01", "model.mode=mask_rcnn"]` -> nested dict with YAML-parsed values."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. solver.base_lr=0.01")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Resolve a config file (or base.yaml when `path` is None) plus `key=value` overrides.
+
+    Returns a `Config`; raises `ConfigError` naming the offending key and file.
+    """
+    schema = _read_yaml(BASE_CONFIG)
+    schema.pop("_base_", None)
+    cfg = copy.deepcopy(schema)
+    if path is not None:
+        _merge_into(cfg, _load_chain(Path(path)), source=str(path), schema=schema)
+    _merge_into(cfg, parse_overrides(overrides), source="command-line override", schema=schema)
+    return _wrap(cfg)
+
+
+def dump_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML atomically (tmp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,132 @@
+"""The data set: validated COCO records -> (image, target) items in torchvision's format (DESIGN.md §2).
+
+Item: `image` float32 [3,H,W] in [0,1] (resized/flipped); `target` = {
+    boxes float32 [N,4] xyxy pixels (from the transformed masks), labels int64 [N] in 1..K,
+    masks uint8 [N,H,W], ga float32 [N,H,W] (only when GA maps are used), image_id int,
+    ann_ids int64 [N], orig_size (H0, W0) }.
+Crowd annotations are not instances to learn; they are left out of targets (as detectron2 does) and kept in
+the records for evaluation.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .coco import CategoryMap, DataError, ImageRecord, load_coco, segmentation_to_mask
+from .ga_store import GAMapStore, GammParams
+from .imageio import read_image
+from .transforms import EvalTransform, TrainTransform, masks_to_boxes
+
+SPLITS = ("train", "val", "test")
+MODES_WITH_MAPS = ("reweight_only", "branch_only", "gains")
+
+
+class InstanceDataset(torch.utils.data.Dataset):
+    """Records -> (image, target). `ga_store` is None when the model needs no GA maps."""
+
+    def __init__(self, records: list[ImageRecord], category_map: CategoryMap, transform,
+                 ga_store: GAMapStore | None = None, normalize: str = "dtype"):
+        self.records = records
+        self.category_map = category_map
+        self.transform = transform
+        self.ga_store = ga_store
+        self.normalize = normalize
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        image = read_image(record.path, self.normalize)
+        if tuple(image.shape[-2:]) != (record.height, record.width):
+            raise DataError(f"{record.path}: image id {record.image_id} is {tuple(image.shape[-2:])} but the "
+                            f"json says {(record.height, record.width)}; fix the json's height/width")
+        anns = [a for a in record.annotations if not a.iscrowd]
+        if anns:
+            masks = torch.from_numpy(np.stack(
+                [segmentation_to_mask(a.segmentation, record.height, record.width) for a in anns]))
+        else:
+            masks = torch.zeros((0, record.height, record.width), dtype=torch.uint8)
+        ga = None
+        if self.ga_store is not None:
+            ga = torch.from_numpy(self.ga_store.maps(record, [a.id for a in anns]))
+        image, masks, ga = self.transform(image, masks, ga)
+        target = {
+            "boxes": masks_to_boxes(masks),
+            "labels": torch.tensor([a.label for a in anns], dtype=torch.int64),
+            "masks": masks,
+            "image_id": record.image_id,
+            "ann_ids": torch.tensor([a.id for a in anns], dtype=torch.int64),
+            "orig_size": (record.height, record.width),
+        }
+        if ga is not None:
+            target["ga"] = ga
+        return image, target
+
+
+def collate(batch):
+    """[(image, target), ...] -> (list of images, list of targets): images keep their own sizes."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def split_paths(cfg, split: str) -> tuple[Path, Path]:
+    """(json path, image folder) of a split from `data.root` + `data.{split}_json/_images`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(cfg.data.root)
+    return root / cfg.data[f"{split}_json"], root / cfg.data[f"{split}_images"]
+
+
+def ensure_synthetic(cfg) -> None:
+    """Generate the synthetic data set into `data.root` when `data.synthetic` is on and it is missing."""
+    if not cfg.data.synthetic:
+        return
+    if all(split_paths(cfg, s)[0].is_file() for s in SPLITS):
+        return
+    from .synthetic import make_synthetic_dataset
+    make_synthetic_dataset(cfg.data.root, seed=0)
+
+
+def gamm_params(cfg) -> GammParams:
+    g = cfg.gamm
+    return GammParams(str(g.variant), int(g.window_size), float(g.ga_factor), float(g.overlap_hl),
+                      int(g.target_category_id))
+
+
+def build_ga_store(cfg, train_images: Path) -> GAMapStore:
+    params = gamm_params(cfg)
+    map_dir = Path(cfg.gamm.map_dir) if cfg.gamm.map_dir else train_images / params.folder_name
+    return GAMapStore(map_dir, params, on_the_fly=bool(cfg.gamm.on_the_fly), dtype=str(cfg.gamm.dtype))
+
+
+def uses_ga_maps(cfg) -> bool:
+    return cfg.model.mode in MODES_WITH_MAPS
+
+
+def build_dataset(cfg, split: str, is_train: bool) -> InstanceDataset:
+    """The data set of `split`. Training applies the random resize/flip and attaches GA maps when the model
+    mode uses them; evaluation resizes to `data.min_size_test` and keeps images without annotations."""
+    ensure_synthetic(cfg)
+    json_path, image_dir = split_paths(cfg, split)
+    skip_empty = bool(cfg.data.skip_empty_images) and is_train
+    records, category_map, _ = load_coco(json_path, image_dir, skip_empty=skip_empty)
+    if category_map.num_classes != int(cfg.model.num_classes):
+        raise DataError(f"{json_path} declares {category_map.num_classes} categories "
+                        f"{list(category_map.names)} but model.num_classes is {cfg.model.num_classes}; "
+                        f"set model.num_classes={category_map.num_classes}")
+    if is_train and not records:
+        raise DataError(f"{json_path}: no training image left after validation; check the warnings above")
+    if is_train:
+        transform = TrainTransform(cfg.data.min_size_train, cfg.data.max_size_train, cfg.data.hflip_prob)
+    else:
+        transform = EvalTransform(cfg.data.min_size_test, cfg.data.max_size_test)
+    ga_store = None
+    if is_train and uses_ga_maps(cfg):
+        ga_store = build_ga_store(cfg, split_paths(cfg, "train")[1])
+        if split != "train":
+            warnings.warn(f"GA maps requested for split {split!r}; GAMM maps are defined for training data")
+    return InstanceDataset(records, category_map, transform, ga_store, str(cfg.data.normalize))

@@ -1,0 +1,61 @@
+"""Shared test helpers: tiny COCO data sets written to a temporary folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def square(x0: float, y0: float, size: float) -> list[float]:
+    """A square polygon, flat COCO list [x0, y0, x1, y1, ...]."""
+    return [x0, y0, x0 + size, y0, x0 + size, y0 + size, x0, y0 + size]
+
+
+def ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 24) -> list[float]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.round(np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1).ravel(), 2).tolist()
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_coco(root: Path, images: list[dict], annotations: list[dict], categories=None,
+               name: str = "train", pixels=None) -> tuple[Path, Path]:
+    """Write `root/{name}.json` and a grey PNG per image into `root/{name}/` (unless `pixels` says otherwise).
+
+    images: dicts with id, file_name, height, width; annotations: COCO dicts (bbox optional).
+    pixels: optional {file_name: array} to write instead of a random 8-bit image.
+    """
+    categories = categories or [{"id": 1, "name": "cell"}]
+    image_dir = root / name
+    rng = np.random.default_rng(0)
+    for im in images:
+        array = (pixels or {}).get(im["file_name"])
+        if array is None:
+            array = rng.integers(0, 255, (im["height"], im["width"]), dtype=np.uint8)
+        if array is not False:
+            write_png(image_dir / im["file_name"], array)
+    json_path = root / f"{name}.json"
+    json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return json_path, image_dir
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    """Two 40x48 images: image 1 has two overlapping squares and a nucleus, image 2 has none."""
+    images = [{"id": 1, "file_name": "a.png", "height": 40, "width": 48},
+              {"id": 2, "file_name": "b.png", "height": 40, "width": 48}]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [square(4, 4, 16)], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [square(14, 10, 16)], "iscrowd": 0},
+        {"id": 3, "image_id": 1, "category_id": 2, "segmentation": [square(6, 6, 5)], "iscrowd": 0},
+    ]
+    cats = [{"id": 1, "name": "cell"}, {"id": 2, "name": "nucleus"}]
+    return write_coco(tmp_path, images, anns, cats)
