@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def _rigid(local: np.ndarray, angle: float, offset) -> np.ndarray:
 
 
 def _rod_outline(length: float, half_width: float, bend: float, centromere: float,
-                 n_side: int = 24, n_cap: int = 8) -> tuple[np.ndarray, callable]:
+                 n_side: int = 24, n_cap: int = 8) -> tuple[np.ndarray, Callable]:
     """Chromosome-like outline in a local frame: float64 [2*n_side + 2*n_cap, 2] xy, plus the centreline.
 
     The centreline is the parabola y = bend*L*(1 - (2s/L)^2), s in [-L/2, L/2] (bend = sagitta / length);
