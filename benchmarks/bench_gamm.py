@@ -69,7 +69,7 @@ def best_of(fn, repeats):
 
 def bench_synthetic(args):
     rng = np.random.default_rng(args.seed)
-    segs, cats = synthetic_cells(rng, args.size, pairs=3, radius=(0.07 * args.size, 0.13 * args.size))
+    segs, cats = synthetic_cells(rng, args.size, pairs=3, radius=(0.09 * args.size, 0.16 * args.size))
     masks = gamm_masks(segs, args.size, args.size)
     raster = best_of(lambda: gamm_masks(segs, args.size, args.size), args.repeats)
     maps = best_of(lambda: compute_ga_maps(masks, cats, None, **ISBI), args.repeats)
