@@ -109,12 +109,14 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     own = net.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    # group by module ("layer1.2.bn1" rather than its 4 tensors) so the message stays readable
+    missing = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in own
+                                 if k not in state and not k.endswith("num_batches_tracked")))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or mismatched:
         raise ValueError(f"{path} does not fit this ResNet (wrong depth?). "
-                         f"Missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                         f"Missing modules: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
                          f"shape mismatches: {mismatched[:20]}{' ...' if len(mismatched) > 20 else ''}")
     ignorable = ("fc.", "running_mean", "running_var", "num_batches_tracked")
     unknown = [k for k in state if k not in own and not any(s in k for s in ignorable)]

@@ -64,7 +64,7 @@ def _flat_masks(masks, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what}: masks are floating point; binarise them (e.g. probs > 0.5) first")
     if m.dtype != np.bool_ and m.dtype != np.uint8:
         m = m != 0
-    return m.reshape(n, -1)
+    return m.reshape(n, m.shape[1] * m.shape[2])
 
 
 def _vector(d: dict, key: str, n: int, dtype, default, what: str) -> np.ndarray:

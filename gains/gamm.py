@@ -1,21 +1,15 @@
 """Gradient Anomaly Mapping Module (GAMM): one GA map per annotation, GAINS_METHOD.md §2.
 
-The authors' scripts loop over every window of the image in Python (about a minute for one 512×512 image).
-This module computes the same definition in float64 numpy, but only where a value can be non-zero:
+The authors' scripts loop over every window in Python (about a minute for a 512×512 image). Here the same
+definition runs in float64 numpy only where a value can be non-zero: windows holding a pixel of the
+instance, and for pairs windows holding pixels of both; elsewhere the value is known exactly. Each
+statistic is a two-pass mean/std over its own ws² values (no cumulative-sum differencing, ~1e-16 relative
+noise), because where the original anomaly is exactly 0 the final X / (max X + 1e-7) amplifies any noise.
 
-- window statistics are evaluated only at windows that contain a pixel of the instance, and pair
-  statistics only at windows that contain pixels of both instances; everywhere else the value is known
-  exactly (0, or the "no neighbour" value below);
-- every statistic is a two-pass mean/std over the ws² values of its own window (no cumulative-sum
-  differencing), so values carry ~1e-16 relative noise. That matters: where the original anomaly is
-  exactly 0, the final normalisation X / (max X + 1e-7) amplifies any noise;
-- a window without a pixel of the neighbour k has dir_k == -4 everywhere, so e1 == d1 and e2 == d2
-  mathematically; we use the intra numbers themselves there, so I == O exactly as in the original maths.
-
-Conventions: images are H×W, pixel (row m, col n); a window is named by its top-left corner (i, j) with
-0 <= i <= H-ws, 0 <= j <= W-ws; boxes in COCO xywh pixels. Deviations from the original (§7.1–7.3): a
-target without another target in its context (single target image, isolated nucleus) or with an empty
-mask gets an all-ones map; multi-polygon instances are the union of their polygons.
+Conventions: pixel (row m, col n); a window is named by its top-left corner (i, j), 0 <= i <= H-ws,
+0 <= j <= W-ws; boxes are COCO xywh pixels. Deviations (§7.1–7.3): a target without another target in its
+context (single-target image, isolated nucleus) or with an empty mask gets an all-ones map; multi-polygon
+instances are the union of their polygons.
 """
 from __future__ import annotations
 
@@ -87,19 +81,13 @@ def _rle_mask(rle, height, width):
 
 # ------------------------------------------------------------------------------- nuclei groups
 def nuclei_groups(boxes_xywh, window_size, height, width) -> list:
-    """Interaction groups of the nuclei variant (§2.5).
+    """Interaction groups of the nuclei variant (§2.5): N lists of indices, group of i = [i] followed by
+    every interacting j in index order.
 
-    Each COCO box is expanded by ``window_size`` on every side (not clipped to the image); i and j interact
-    when the expanded boxes overlap with positive area and neither contains the other.
-
-    Args:
-        boxes_xywh: float [N, 4] COCO boxes. height, width: image size (validated only; the original's
-            expanded boxes are not clipped).
-    Returns:
-        N lists of indices: group of i = [i] followed by every interacting j in index order.
+    boxes_xywh: float [N, 4] COCO boxes, each expanded by ``window_size`` on every side; i and j interact when
+    the expanded boxes overlap with positive area and neither contains the other. height, width: unused,
+    kept for the API (as in §2.5, the expanded boxes are not clipped to the image).
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"bad image size {(height, width)}")
     b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
     x0, y0 = b[:, 0] - window_size, b[:, 1] - window_size
     x1, y1 = b[:, 0] + b[:, 2] + window_size, b[:, 1] + b[:, 3] + window_size
@@ -155,12 +143,9 @@ def _max_magnitude(cy, cx, height, width):
 
 @dataclass
 class _Geometry:
-    """Sign-independent data of one non-empty instance mask.
-
-    The "pad" is the mask's bounding box grown by ws-1 on every side (it may stick out of the image): it
-    holds every pixel of every window that touches the mask. The "window box" is the range of top-left
-    corners (clipped to the image) of those windows.
-    """
+    """Sign-independent data of one non-empty mask. The "pad" (mask bbox grown by ws-1, may stick out of
+    the image) holds every pixel of every window touching the mask; the "window box" holds those windows'
+    top-left corners (clipped to the image)."""
     cy: float
     cx: float
     bbox: tuple          # (y0, y1, x0, x1) inclusive, pixels
@@ -202,6 +187,9 @@ def _direction_pad(g, sign, ws, height, width):
 
 
 # -------------------------------------------------------------------------- window statistics
+_BLOCK = 1 << 21  # gathered values per block of windows: every temporary stays under ~16 MB for any ws
+
+
 def _gather(pad, origin, ii, jj, ws):
     """[n, ws²] values of the windows with global top-left corners (ii, jj) from a pad at ``origin``."""
     view = sliding_window_view(pad, (ws, ws))
@@ -222,55 +210,73 @@ def _masked_std(values, inside):
     return np.sqrt((dev * dev).sum(axis=1) / count)
 
 
+def _blockwise(fn, n, ws):
+    """Concatenated fn(slice of windows) over blocks of <= _BLOCK gathered values (n > 0 windows)."""
+    step = max(1, _BLOCK // (ws * ws))
+    return np.concatenate([fn(slice(s, s + step)) for s in range(0, n, step)])
+
+
 @dataclass
 class _Intra:
-    """Per-window intra statistics of one instance for one sign, on its window box."""
-    dirs: np.ndarray      # direction pad
-    windows: tuple        # (ii, jj) global top-left corners of the windows that touch the mask
-    intra: np.ndarray     # grid [nr, nc]: O value (d1 or min(d1, d2)), 0 off the mask
-    lonely: np.ndarray    # grid [nr, nc]: the inter term of a window without neighbour pixels
+    """Window statistics of one instance for one sign; grids cover its window box, 0 off the mask."""
+    dirs: np.ndarray    # float64 [ph, pw] direction pad
+    intra: np.ndarray   # float64 [nr, nc] intra value: d1 (chrom) or min(d1, d2)
+    lonely: np.ndarray  # float64 [nr, nc] inter term where the other instance has no pixel in the window
 
 
 def _intra(g, sign, variant, ws, height, width):
     dirs = _direction_pad(g, sign, ws, height, width)
     li, lj = np.nonzero(g.counts)
     ii, jj = li + g.win_origin[0], lj + g.win_origin[1]
-    values = _gather(dirs, g.pad_origin, ii, jj, ws)
-    d1 = _std(values)
-    d2 = _masked_std(values, _gather(g.inside_pad, g.pad_origin, ii, jj, ws))
-    # Without neighbour pixels dir_k == SENTINEL in the window: e1 == d1, e2 == d2 exactly in maths;
-    # reusing these very numbers keeps I == O bit for bit where the original anomaly is 0.
+
+    def d1_d2(s):
+        values = _gather(dirs, g.pad_origin, ii[s], jj[s], ws)
+        inside = _gather(g.inside_pad, g.pad_origin, ii[s], jj[s], ws)
+        return np.stack([_std(values), _masked_std(values, inside)], axis=1)
+
+    d1, d2 = _blockwise(d1_d2, len(ii), ws).T
+    # Without neighbour pixels dir_k == SENTINEL all over the window, so e1 == d1 and e2 == d2 in exact
+    # maths. Using these very numbers makes I - O exactly 0 there (isbi) or <= 0 (chrom), where rounding
+    # noise would be blown up by the final X / (max X + 1e-7). For nuclei, d1 - min(d1, d2) is real.
     intra, lonely = np.zeros(g.counts.shape), np.zeros(g.counts.shape)
     intra[li, lj] = d1 if variant == "chrom" else np.minimum(d1, d2)
     lonely[li, lj] = d1 if variant == "nuclei" else np.minimum(d1, d2)
-    return _Intra(dirs, (ii, jj), intra, lonely)
+    return _Intra(dirs, intra, lonely)
 
 
-def _pair_terms(ga, gk, sa, sk, variant, ws):
-    """Inter term of instances a and k at the windows holding pixels of both (symmetric in a, k).
-
-    Returns (ii, jj, term) with global window corners, or None when no window holds both.
-    """
+def _shared_windows(ga, gk):
+    """Global corners (ii, jj) of the windows holding pixels of both instances (maybe empty)."""
     r0, c0 = max(ga.win_origin[0], gk.win_origin[0]), max(ga.win_origin[1], gk.win_origin[1])
     r1 = min(ga.win_origin[0] + ga.counts.shape[0], gk.win_origin[0] + gk.counts.shape[0])
     c1 = min(ga.win_origin[1] + ga.counts.shape[1], gk.win_origin[1] + gk.counts.shape[1])
     if r1 <= r0 or c1 <= c0:  # window-dilated boxes do not meet
-        return None
+        return np.zeros(0, int), np.zeros(0, int)
 
     def crop(g):
         return g.counts[r0 - g.win_origin[0]:r1 - g.win_origin[0], c0 - g.win_origin[1]:c1 - g.win_origin[1]]
 
     li, lj = np.nonzero((crop(ga) > 0) & (crop(gk) > 0))
-    if li.size == 0:
+    return li + r0, lj + c0
+
+
+def _pair_terms(ga, gk, sa, sk, variant, ws):
+    """(ii, jj, term): inter term of a and k (symmetric) at the global corners of the windows holding
+    pixels of both, or None when there is none."""
+    ii, jj = _shared_windows(ga, gk)
+    if ii.size == 0:
         return None
-    ii, jj = li + r0, lj + c0
-    va, vk = _gather(sa.dirs, ga.pad_origin, ii, jj, ws), _gather(sk.dirs, gk.pad_origin, ii, jj, ws)
-    term = _std(vk - va)
-    if variant != "nuclei":
-        inside = np.concatenate([_gather(gk.inside_pad, gk.pad_origin, ii, jj, ws),
-                                 _gather(ga.inside_pad, ga.pad_origin, ii, jj, ws)], axis=1)
-        term = np.minimum(term, _masked_std(np.concatenate([vk, va], axis=1), inside))
-    return ii, jj, term
+
+    def term(s):
+        va = _gather(sa.dirs, ga.pad_origin, ii[s], jj[s], ws)
+        vk = _gather(sk.dirs, gk.pad_origin, ii[s], jj[s], ws)
+        e1 = _std(vk - va)
+        if variant == "nuclei":
+            return e1
+        inside = np.concatenate([_gather(gk.inside_pad, gk.pad_origin, ii[s], jj[s], ws),
+                                 _gather(ga.inside_pad, ga.pad_origin, ii[s], jj[s], ws)], axis=1)
+        return np.minimum(e1, _masked_std(np.concatenate([vk, va], axis=1), inside))
+
+    return ii, jj, _blockwise(term, len(ii), ws)
 
 
 # ---------------------------------------------------------------------- window maps to pixels
@@ -278,7 +284,7 @@ def _painted_region(g, ws, height, width):
     """Pixels where Map(D) of a window-box grid can be non-zero, as ((r0, r1), (c0, c1)) half-open.
 
     A pixel takes the window whose top-left corner it is, clamped to the last window (§2.3), so the last
-    window row/column also covers the image's bottom/right strip.
+    window row/column also covers the image's bottom/right strip. It contains every pixel of the mask.
     """
     (i0, j0), (nr, nc) = g.win_origin, g.counts.shape
     r1 = height if i0 + nr - 1 == height - ws else i0 + nr
@@ -298,7 +304,7 @@ def _paint(grid, origin, region, ws, height, width):
     return out
 
 
-def _meet(a, b):
+def _meet(a, b):  # two ((r0, r1), (c0, c1)) half-open pixel regions overlap
     return all(max(p[0], q[0]) < min(p[1], q[1]) for p, q in zip(a, b))
 
 
@@ -334,8 +340,8 @@ def compute_ga_maps(masks, category_ids, boxes_xywh, *, variant, window_size, ga
     ws = int(window_size)
     if len(category_ids) != n or ws < 1:
         raise ValueError(f"{len(category_ids)} category ids for {n} masks, window_size {window_size}")
-    if variant == "nuclei" and (boxes_xywh is None or np.shape(boxes_xywh) != (n, 4)):
-        raise ValueError(f"the nuclei variant needs boxes_xywh of shape ({n}, 4)")
+    if variant == "nuclei" and n and np.shape(boxes_xywh) != (n, 4):
+        raise ValueError(f"the nuclei variant needs boxes_xywh of shape ({n}, 4), got {np.shape(boxes_xywh)}")
     out = np.ones((n, height, width))
     if n == 0 or height < max(ws, 2) or width < max(ws, 2):
         return out
@@ -343,16 +349,17 @@ def compute_ga_maps(masks, category_ids, boxes_xywh, *, variant, window_size, ga
     geoms = {k: _geometry(masks[k], ws) for k in targets if masks[k].any()}
     contexts = _contexts(variant, targets, geoms, boxes_xywh, ws, height, width)
     regions = {k: _painted_region(g, ws, height, width) for k, g in geoms.items()}
-    args = (masks, geoms, contexts, regions, variant, ws, float(ga_factor), float(overlap_hl))
-    plus, minus = _signed_maps(+1, *args), _signed_maps(-1, *args)
+    passes = [_SignPass(sign, masks, geoms, contexts, regions, variant, ws) for sign in (+1, -1)]
     for w in contexts:
         (r0, r1), (c0, c1) = regions[w]
-        out[w, r0:r1, c0:c1] = (plus[w] + minus[w]) / 2
+        plus, minus = (p.half_map(w, float(ga_factor), float(overlap_hl)) for p in passes)
+        out[w, r0:r1, c0:c1] = (plus + minus) / 2
     return out
 
 
 def _contexts(variant, targets, geoms, boxes_xywh, ws, height, width):
-    """w -> (other target instances averaged over, nuclei window ranges or None) for maps worth computing."""
+    """w -> (other targets w is compared with, nuclei window ranges (intra, inter) or None), for the w
+    that get a real map: non-empty targets with at least one other target in their context."""
     if variant != "nuclei":
         if len(targets) < 2:
             return {}
@@ -367,70 +374,77 @@ def _contexts(variant, targets, geoms, boxes_xywh, ws, height, width):
     return contexts
 
 
-def _signed_maps(sign, masks, geoms, contexts, regions, variant, ws, ga_factor, overlap_hl):
-    """w -> normalised half map (one sign f) on ``regions[w]``, for every w in ``contexts``."""
-    height, width = masks.shape[1:]
-    stats = {k: _intra(g, sign, variant, ws, height, width) for k, g in geoms.items()}
-    pairs = {}
+class _SignPass:
+    """One sign f of §2.1: window statistics of every instance, pair terms on demand, the half maps."""
 
-    def pair(a, k):
+    def __init__(self, sign, masks, geoms, contexts, regions, variant, ws):
+        self.masks, self.geoms, self.contexts, self.regions = masks, geoms, contexts, regions
+        self.variant, self.ws = variant, ws
+        self.height, self.width = masks.shape[1:]
+        self.stats = {k: _intra(g, sign, variant, ws, self.height, self.width) for k, g in geoms.items()}
+        self._pairs, self._means = {}, {}
+
+    def pair(self, a, k):
+        """(ii, jj, term) of a and k at the windows holding both, or None; cached, symmetric."""
         key = (min(a, k), max(a, k))
-        if key not in pairs:
+        if key not in self._pairs:
             lo, hi = key
-            pairs[key] = _pair_terms(geoms[lo], geoms[hi], stats[lo], stats[hi], variant, ws) \
-                if lo in geoms and hi in geoms else None
-        return pairs[key]
+            both = lo in self.geoms and hi in self.geoms  # an empty mask has no window
+            self._pairs[key] = _pair_terms(self.geoms[lo], self.geoms[hi], self.stats[lo], self.stats[hi],
+                                           self.variant, self.ws) if both else None
+        return self._pairs[key]
 
-    def mean_over(w, others):
-        """I and O grids of w: the original averages one value per other target, accumulated in order."""
-        origin, inter, intra = geoms[w].win_origin, 0.0, 0.0
-        for k in others:
-            term = stats[w].lonely.copy()
-            if (p := pair(w, k)) is not None:
-                term[p[0] - origin[0], p[1] - origin[1]] = p[2]
-            inter = inter + term
-            intra = intra + stats[w].intra
-        return inter / len(others), intra / len(others)
+    def means(self, w):
+        """(I, O) float64 grids on w's window box, 0 where the window misses w's mask.
 
-    means = {w: mean_over(w, others) for w, (others, _) in contexts.items()}
-    halves = {}
-    for w, (others, ranges) in contexts.items():
-        g, region = geoms[w], regions[w]
-        inter, intra = means[w]
-        if ranges is not None:  # nuclei: group-box window ranges, own intra map only
+        I is the mean over the other targets of the pair term, which is the "lonely" value wherever the
+        other has no pixel; windows without any neighbour get that value itself, so I == O exactly there
+        (isbi). O, the mean of one identical intra value per other target, is that value.
+        """
+        if w not in self._means:
+            others, stats, origin = self.contexts[w][0], self.stats[w], self.geoms[w].win_origin
+            total, present = np.zeros(stats.intra.shape), np.zeros(stats.intra.shape, dtype=int)
+            for k in others:  # work in proportion to the windows two instances share
+                if (p := self.pair(w, k)) is not None:
+                    total[p[0] - origin[0], p[1] - origin[1]] += p[2]
+                    present[p[0] - origin[0], p[1] - origin[1]] += 1
+            n = len(others)
+            inter = np.where(present > 0, (total + (n - present) * stats.lonely) / n, stats.lonely)
+            self._means[w] = inter, stats.intra
+        return self._means[w]
+
+    def half_map(self, w, ga_factor, overlap_hl):
+        """§2.4 for this sign: float64 map of w on ``regions[w]``, in [1, 1+ga_factor]."""
+        g, region, ranges = self.geoms[w], self.regions[w], self.contexts[w][1]
+        inter, intra = self.means(w)
+        if ranges is None:
+            x = self._subtract_all(w, self._paint(inter, w), overlap_hl)
+        else:  # nuclei: window ranges of the group's box, and only w's own intra map
             inter = _restrict(inter, g.win_origin, ranges[1])
             intra = _restrict(intra, g.win_origin, ranges[0])
-            x = _paint(inter, g.win_origin, region, ws, height, width)
-            x = np.maximum(x - _paint(intra, g.win_origin, region, ws, height, width), 0)
-        else:
-            x = _subtract_all(w, _paint(inter, g.win_origin, region, ws, height, width), masks, geoms,
-                              means, regions, ws, overlap_hl)
-        halves[w] = _normalise(x, g, region, ga_factor, height, width)
-    return halves
+            x = np.maximum(self._paint(inter, w) - self._paint(intra, w), 0)
+        mag = _magnitude(g.cy, g.cx, region[0], region[1], self.height, self.width)
+        x = x * mag / g.mag_max  # the original's operation order, for the last bits
+        return x / (x.max() + NORM_EPS) * ga_factor + 1
 
+    def _paint(self, grid, k, w=None):
+        """Map of instance k's window grid on the region of w (default k)."""
+        region = self.regions[k if w is None else w]
+        return _paint(grid, self.geoms[k].win_origin, region, self.ws, self.height, self.width)
 
-def _subtract_all(w, x, masks, geoms, means, regions, ws, overlap_hl):
-    """§2.4 loop of isbi/chrom: subtract every intra map in annotation order, clamp, add overlap bonus.
+    def _subtract_all(self, w, x, overlap_hl):
+        """isbi/chrom: subtract every intra map in annotation order, clamp, add the overlap bonus.
 
-    Instances without an intra map (non-targets, empty masks) subtract 0 from an array that is already
-    >= 0, and those whose painted region misses w's subtract 0 there: both are skipped.
-    """
-    height, width = masks.shape[1:]
-    region = regions[w]
-    (r0, r1), (c0, c1) = region
-    for k in sorted(geoms):
-        if not _meet(region, regions[k]):
-            continue
-        x = np.maximum(x - _paint(means[k][1], geoms[k].win_origin, region, ws, height, width), 0)
-        if k != w:
-            both = masks[w, r0:r1, c0:c1] & masks[k, r0:r1, c0:c1]
-            if both.any():
-                x[both] += overlap_hl
-    return x
-
-
-def _normalise(x, g, region, ga_factor, height, width):
-    """Weight by the field magnitude and scale into [1, 1+ga_factor], in the original's operation order."""
-    mag = _magnitude(g.cy, g.cx, region[0], region[1], height, width)
-    x = x * mag / g.mag_max
-    return x / (x.max() + NORM_EPS) * ga_factor + 1
+        Instances without an intra map (non-targets, empty masks) subtract 0 from an array that is already
+        >= 0, and so do those whose painted region misses w's: both are skipped.
+        """
+        (r0, r1), (c0, c1) = self.regions[w]
+        for k in sorted(self.geoms):
+            if not _meet(self.regions[w], self.regions[k]):
+                continue
+            x = np.maximum(x - self._paint(self.means(k)[1], k, w), 0)
+            if k != w:
+                both = self.masks[w, r0:r1, c0:c1] & self.masks[k, r0:r1, c0:c1]
+                if both.any():
+                    x[both] += overlap_hl
+        return x

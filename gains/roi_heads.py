@@ -249,7 +249,7 @@ class RoIHeads(nn.Module):
                    image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         class_logits, deltas = self.box_head(self.box_pooler(features, proposals))
         scores_all = F.softmax(class_logits, -1)[:, 1:]
-        boxes_all = self.box_coder.decode_single(deltas, torch.cat(proposals)).view(len(deltas), -1, 4)
+        boxes_all = self.box_coder.decode_single(deltas, torch.cat(proposals)).view(len(deltas), self.num_classes, 4)
         results = []
         for scores, boxes, (h, w) in zip(scores_all.split([len(p) for p in proposals]),
                                          boxes_all.split([len(p) for p in proposals]), image_sizes):

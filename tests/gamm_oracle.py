@@ -118,7 +118,7 @@ def oracle_ga_maps(masks, category_ids, boxes_xywh, *, variant, window_size, ga_
         dirs = {k: f[0] for k, f in fields.items()}
         grids = {a: oracle_window_values(dirs, masks, a, [k for k in targets if k != a], variant, ws)
                  for a in targets}
-        for w in targets:
+        for w in (t for t in targets if masks[t].any()):
             X = oracle_paint(grids[w][1], ws, height, width)
             for k in range(n):
                 O_k = oracle_paint(grids[k][0], ws, height, width) if k in targets else 0.0

@@ -1,0 +1,513 @@
+"""Foreign annotations -> COCO data set folders: instance label images, labelme json, and a real DSB2018 sample.
+
+A data set folder has the layout the configs use: ``out/{split}.json`` + ``out/{split}/<images>`` for each
+split (train/val/test). Folders are written atomically (temp folder + rename, as gains.synthetic does) and
+validated with gains.coco.load_coco before the rename, so a folder that exists is one the loader accepts.
+
+Coordinates: COCO's pixel-corner convention, x right / y down; pixel (row r, col c) covers [c, c+1] x [r, r+1].
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import contourpy
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from .coco import DataError, load_coco
+from .imageio import read_image_array, read_image_size
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+LABEL_SUFFIX = "_masks"   # cellpose's convention: X.tif <-> X_masks.tif
+SPLITS = ("train", "val", "test")
+REGION_SHAPES = ("polygon", "rectangle", "circle")   # labelme shape types that become instances
+STARDIST_PIP = "/work/venv/bin/pip install --no-deps stardist==0.9.2"
+
+
+# ------------------------------------------------------------------------------------ label images -> COCO
+def _ring_polygons(crop: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Boundary of a bool crop [h, w] -> (outer rings as float64 [P, 2] xy in crop coordinates, hole count).
+
+    Marching squares at level 0.5 on pixel centres (c + 0.5, r + 0.5): every vertex lies half-way between a
+    foreground and a background centre, so each ring separates the pixels exactly and rasterises back to them
+    (pycocotools fills a pixel when its centre is inside). Collinear vertices are dropped; outer rings run with
+    positive shoelace area (x right, y down), holes negative. Diagonal-only contacts give separate rings.
+    """
+    z = np.pad(crop.astype(np.float64), 1)
+    h, w = z.shape
+    gen = contourpy.contour_generator(np.arange(w) - 1.5, np.arange(h) - 1.5, z,
+                                      line_type=contourpy.LineType.Separate)
+    rings, holes = [], 0
+    for line in gen.lines(0.5):
+        ring = line[:-1]  # closed lines repeat their first point
+        area = 0.5 * np.sum(ring[:, 0] * np.roll(ring[:, 1], -1) - np.roll(ring[:, 0], -1) * ring[:, 1])
+        if area < 0:
+            holes += 1
+            continue
+        prev, nxt = ring - np.roll(ring, 1, 0), np.roll(ring, -1, 0) - ring
+        cross = prev[:, 0] * nxt[:, 1] - prev[:, 1] * nxt[:, 0]
+        rings.append(ring[(cross != 0) | ((prev * nxt).sum(1) < 0)])
+    return rings, holes
+
+
+def _check_label_image(label: np.ndarray, where: str) -> np.ndarray:
+    if label.ndim == 3 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if label.ndim != 2:
+        raise DataError(f"{where}: a label image must be 2-D (one integer id per pixel), got shape "
+                        f"{label.shape}; colour-coded RGB labels are not supported: save one id per pixel")
+    if label.dtype == bool or not np.issubdtype(label.dtype, np.integer):
+        raise DataError(f"{where}: label image dtype {label.dtype}; expected 8/16/32-bit integers "
+                        "(0 = background, each positive id = one instance)")
+    if label.size and label.min() < 0:
+        raise DataError(f"{where}: negative ids in the label image; use 0 for background and ids >= 1")
+    return label
+
+
+def label_image_to_annotations(label: np.ndarray, *, image_id: int, first_id: int = 1, category_id: int = 1,
+                               segmentation: str = "polygon", holes: str = "rle", min_polygon_pixels: int = 3,
+                               min_iou: float = 0.95, stats: Counter | None = None) -> list[dict]:
+    """One instance label image -> COCO annotations, one per positive id, in ascending id order.
+
+    Args:
+        label: integer [H, W] (8/16/32/64-bit; ids need not be contiguous), 0 = background.
+        image_id, first_id: the image's id and the id of the first annotation (ids then count up by 1).
+        segmentation: "polygon" (one ring per connected part, all in one annotation) or "rle" (compressed RLE
+            of the exact pixels, counts as str) for every instance.
+        holes: COCO polygons are united, so they cannot cut a hole. "rle" stores instances with holes as RLE
+            (pixel-exact); "fill" keeps the outer rings, i.e. fills the holes.
+        min_polygon_pixels: smaller instances are stored as RLE (kept, never dropped).
+        min_iou: polygons whose rasterisation has a lower IoU with the pixels are replaced by RLE (a safety net:
+            the rings are pixel-exact, so only holes="fill" on large holes can trigger it).
+        stats: optional Counter; "instances", "multi_part", "rle_tiny", "rle_holes", "rle_fallback" are added.
+    Returns:
+        COCO annotation dicts: ``bbox`` [x, y, w, h] of the pixels, ``area`` the pixel count, ``iscrowd`` 0,
+        ``segmentation`` polygons [[x0, y0, x1, y1, ...], ...] (half-integer coordinates) or RLE.
+    Label images cannot express overlaps: each pixel belongs to at most one instance.
+    """
+    if segmentation not in ("polygon", "rle") or holes not in ("rle", "fill"):
+        raise ValueError(f"segmentation must be 'polygon' or 'rle' and holes 'rle' or 'fill', "
+                         f"got {segmentation!r}, {holes!r}")
+    label = _check_label_image(np.asarray(label), f"image id {image_id}")
+    stats = stats if stats is not None else Counter()
+    # compact ids 1..K (find_objects on raw 32-bit ids would allocate a list as long as the largest id);
+    # 0 stays background even when no pixel is background
+    ids, compact = np.unique(label, return_inverse=True)
+    compact = compact.reshape(label.shape) + int(ids[0] != 0)
+    full = np.zeros(label.shape, np.uint8, order="F")
+    annotations = []
+    for k, sl in enumerate(ndimage.find_objects(compact), start=1):
+        if sl is None:
+            continue
+        crop, y0, x0 = compact[sl] == k, sl[0].start, sl[1].start
+        pixels, seg = int(crop.sum()), None
+        kind = "rle_tiny" if pixels < min_polygon_pixels else None
+        if segmentation == "polygon" and kind is None:
+            rings, n_holes = _ring_polygons(crop)
+            back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(
+                [r.ravel().tolist() for r in rings], *crop.shape))) > 0
+            if n_holes and holes == "rle":
+                kind = "rle_holes"
+            elif np.logical_and(back, crop).sum() / np.logical_or(back, crop).sum() < min_iou:
+                kind = "rle_fallback"
+            else:
+                seg = [(r + (x0, y0)).ravel().tolist() for r in rings]
+                stats["multi_part"] += len(rings) > 1
+        if seg is None:
+            full[sl] = crop
+            seg = mask_utils.encode(full)
+            seg["counts"] = seg["counts"].decode("ascii")
+            full[sl] = 0
+            stats[kind] += kind is not None and segmentation == "polygon"
+        stats["instances"] += 1
+        annotations.append({"id": first_id + len(annotations), "image_id": int(image_id),
+                            "category_id": int(category_id), "segmentation": seg, "area": float(pixels),
+                            "bbox": [float(x0), float(y0), float(sl[1].stop - x0), float(sl[0].stop - y0)],
+                            "iscrowd": 0})
+    return annotations
+
+
+def _read_label(path: Path) -> np.ndarray:
+    """Label image file -> its raw ids; palette PNGs give their indices, not colours (unlike read_image_array)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return read_image_array(path)
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.array(im)
+
+
+def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None
+                     ) -> list[tuple[Path, Path]]:
+    """Pair images with their label images by name, sorted by image name.
+
+    Without ``labels_dir``: ``X.<ext>`` <-> ``X_masks.<ext>`` in ``images_dir``. With it: ``X.<ext>`` <->
+    ``X.<ext>`` or ``X_masks.<ext>`` in ``labels_dir`` (any image suffix). Raises DataError listing unpaired
+    or ambiguous files, or when no image is found.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DataError(f"image folder {images_dir} not found")
+    def files(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if labels_dir is not None and not Path(labels_dir).is_dir():
+        raise DataError(f"label folder {labels_dir} not found")
+    images, labels = files(images_dir), files(Path(labels_dir)) if labels_dir else []
+    if labels_dir is None:
+        images, labels = ([p for p in images if p.stem.endswith(LABEL_SUFFIX) == is_label] for is_label in (0, 1))
+    by_stem: dict[str, list[Path]] = {}
+    for p in labels:
+        stem = p.stem[:-len(LABEL_SUFFIX)] if p.stem.endswith(LABEL_SUFFIX) else p.stem
+        by_stem.setdefault(stem, []).append(p)
+    pairs, unpaired, ambiguous = [], [], []
+    for image in images:
+        found = by_stem.pop(image.stem, [])
+        if len(found) == 1:
+            pairs.append((image, found[0]))
+        else:
+            (ambiguous if found else unpaired).append(image)
+    leftover = [p for ps in by_stem.values() for p in ps]
+    problems = [f"{what} ({len(ps)}): {', '.join(p.name for p in ps[:10])}{' ...' if len(ps) > 10 else ''}"
+                for what, ps in (("images without a label image", unpaired),
+                                 ("images with several label images", ambiguous),
+                                 ("label images without an image", leftover)) if ps]
+    if problems:
+        raise DataError(f"pairing {images_dir} with {labels_dir or images_dir}: " + "; ".join(problems)
+                        + f". Labels are named X{LABEL_SUFFIX}.<ext> beside X.<ext>, or X.<ext> in --labels-dir")
+    if not pairs:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {images_dir}")
+    return pairs
+
+
+def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]], category_id: int = 1,
+                   category_name: str = "cell", **options) -> dict:
+    """(image file, label image file) pairs -> COCO dict (image ids 1..N in pair order, file_name = the image's
+    name). ``options`` go to label_image_to_annotations (segmentation, holes, min_polygon_pixels, min_iou);
+    its counters land in ``info["conversion"]``. Label images cannot express overlapping instances.
+    Raises DataError when an image and its label differ in size or a label image is not integer 2-D."""
+    entries = []
+    for image_path, label_path in pairs:
+        image_path, label_path = Path(image_path), Path(label_path)
+        label, size = _check_label_image(_read_label(label_path), str(label_path)), read_image_size(image_path)
+        if size != label.shape:
+            raise DataError(f"{image_path} is {size[0]}x{size[1]} (HxW) but its label image {label_path} is "
+                            f"{label.shape[0]}x{label.shape[1]}; they must match pixel for pixel")
+        entries.append((image_path.name, label))
+    return _labels_coco(entries, {"id": int(category_id), "name": category_name},
+                        "converted from instance label images by gains.convert", **options)
+
+
+def _labels_coco(entries: Sequence[tuple[str, np.ndarray]], category: dict, description: str, **options) -> dict:
+    """[(file_name, label [H, W])] -> COCO dict with image ids 1..N and annotation ids 1..M."""
+    images, annotations, stats = [], [], Counter()
+    for image_id, (name, label) in enumerate(entries, start=1):
+        images.append({"id": image_id, "file_name": name, "height": label.shape[0], "width": label.shape[1]})
+        annotations += label_image_to_annotations(label, image_id=image_id, first_id=len(annotations) + 1,
+                                                  category_id=category["id"], stats=stats, **options)
+    return {"info": {"description": description, "conversion": dict(stats)}, "images": images,
+            "annotations": annotations, "categories": [category]}
+
+
+# ------------------------------------------------------------------------------------------ labelme -> COCO
+def _shape_polygon(shape: dict, where: str) -> list[float] | None:
+    """One labelme shape -> flat polygon [x0, y0, ...], or None for shape types that are not regions."""
+    kind, pts = shape.get("shape_type") or "polygon", np.asarray(shape.get("points", []), np.float64)
+    if kind not in REGION_SHAPES:
+        return None
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < (3 if kind == "polygon" else 2):
+        raise DataError(f"{where}: {kind} with points {shape.get('points')!r}; a polygon needs >= 3 [x, y] "
+                        "points, a rectangle and a circle 2")
+    if kind == "rectangle":  # two opposite corners, any order
+        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+        pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    elif kind == "circle":   # centre and a point on the circle; ~2 px edges, 16..128 vertices
+        r = float(np.hypot(*(pts[1] - pts[0])))
+        t = np.linspace(0, 2 * np.pi, int(np.clip(np.ceil(np.pi * r), 16, 128)), endpoint=False)
+        pts = pts[0] + r * np.stack([np.cos(t), np.sin(t)], 1)
+    return np.round(pts, 3).ravel().tolist()
+
+
+def _read_labelme(json_paths) -> list[tuple[Path, dict]]:
+    docs = []
+    for p in map(Path, json_paths):
+        try:
+            docs.append((p, json.loads(p.read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{p}: cannot read labelme json ({e})") from None
+    return docs
+
+
+def _region_labels(docs) -> list[str]:
+    """Sorted labels of the shapes that become instances (polygon, rectangle, circle)."""
+    return sorted({str(s.get("label")) for _, d in docs for s in d.get("shapes", [])
+                   if (s.get("shape_type") or "polygon") in REGION_SHAPES})
+
+
+def _labelme_image(doc: dict, json_path: Path) -> tuple[str, Path | np.ndarray]:
+    """(file_name, source) of a labelme json's image: the file at imagePath (relative to the json) if it
+    exists, keeping its format and bit depth, else the embedded imageData decoded to an array (-> PNG)."""
+    image_path = (doc.get("imagePath") or "").replace("\\", "/")  # labelme on Windows writes backslashes
+    path = json_path.parent / image_path
+    if image_path and path.is_file():
+        return path.name, path
+    if doc.get("imageData"):
+        from PIL import Image
+        with Image.open(io.BytesIO(base64.b64decode(doc["imageData"]))) as im:
+            array = np.array(im.convert("RGB") if im.mode == "P" else im)
+        return (Path(image_path).stem or json_path.stem) + ".png", array
+    raise DataError(f"{json_path}: image {path} not found and no embedded imageData; put the image beside "
+                    "the json or save the json with image data")
+
+
+def labelme_to_coco(json_paths: Sequence[str | os.PathLike], categories: Mapping[str, int] | Sequence[dict]
+                    | None = None) -> tuple[dict, dict[str, Path | np.ndarray]]:
+    """labelme json files -> (COCO dict, {file_name: image source}) for write_coco_dataset.
+
+    Shapes of type polygon, rectangle (2 corners) and circle (centre + rim point) become polygons; other types
+    (point, line, linestrip, mask) are skipped with one counted warning. Shapes of one image sharing (label,
+    group_id) form one instance (several polygons); a shape without group_id is its own instance, as in
+    labelme's own labelme2coco. Points are copied as they are (labelme2coco does the same).
+    ``categories``: {label: id} or COCO category dicts; a label outside it is an error listing the labels.
+    None: ids 1..K for the sorted labels. Image ids are 1..N in json order; an image source is a Path (copied)
+    or a decoded array of embedded imageData (written as PNG). ``bbox`` and ``area`` are those of the
+    pycocotools rasterisation; instances covering no pixel are dropped with a counted warning.
+    Raises DataError for an image size that differs from imageHeight/imageWidth, a missing image, malformed
+    shapes, unknown labels or two images with the same file name.
+    """
+    docs = _read_labelme(json_paths)
+    labels = _region_labels(docs)
+    if categories is None:
+        name_to_id = {name: i for i, name in enumerate(labels, start=1)}
+    elif isinstance(categories, Mapping):
+        name_to_id = {str(k): int(v) for k, v in categories.items()}
+    else:
+        name_to_id = {str(c["name"]): int(c["id"]) for c in categories}
+    unknown = [name for name in labels if name not in name_to_id]
+    if unknown:
+        raise DataError(f"labels {unknown} are not among the categories {sorted(name_to_id)}; add them to "
+                        "the category map or fix the labels")
+    images, annotations, sources, skipped, empty = [], [], {}, [], []
+    for image_id, (json_path, doc) in enumerate(docs, start=1):
+        name, source = _labelme_image(doc, json_path)
+        if name in sources:
+            raise DataError(f"{json_path}: image file name {name!r} is used by two labelme files; rename one")
+        size = read_image_size(source) if isinstance(source, Path) else source.shape[:2]
+        declared = (doc.get("imageHeight"), doc.get("imageWidth"))
+        if declared != tuple(size):
+            raise DataError(f"{json_path}: the image is {size[0]}x{size[1]} (HxW) but the json says "
+                            f"imageHeight={declared[0]}, imageWidth={declared[1]}; fix the json or the image")
+        sources[name] = source
+        images.append({"id": image_id, "file_name": name, "height": int(size[0]), "width": int(size[1])})
+        instances: dict = {}
+        for i, shape in enumerate(doc.get("shapes", [])):
+            poly = _shape_polygon(shape, f"{json_path}: shape {i} ({shape.get('label')!r})")
+            if poly is None:
+                skipped.append(f"{json_path.name}:{i}")
+                continue
+            group = shape.get("group_id")
+            key = (str(shape["label"]), group) if group is not None else (str(shape["label"]), None, i)
+            instances.setdefault(key, []).append(poly)
+        for key, polys in instances.items():
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, int(size[0]), int(size[1])))
+            if int(mask_utils.area(rle)) == 0:
+                empty.append(f"{json_path.name}:{key[0]}")
+                continue
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": name_to_id[key[0]], "segmentation": polys,
+                                "area": float(mask_utils.area(rle)),
+                                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+    for items, what in ((skipped, "labelme shapes that are not regions (point/line/linestrip/mask) skipped"),
+                        (empty, "labelme instances covering no pixel dropped")):
+        if items:
+            warnings.warn(f"{len(items)} {what} ({', '.join(items[:5])}{' ...' if len(items) > 5 else ''})",
+                          stacklevel=2)
+    cats = [{"id": i, "name": n} for n, i in sorted(name_to_id.items(), key=lambda kv: kv[1])]
+    return ({"info": {"description": "converted from labelme by gains.convert"}, "images": images,
+             "annotations": annotations, "categories": cats}, sources)
+
+
+# ----------------------------------------------------------------------------------------- data set folders
+def split_items(items: Sequence, ratios: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list]:
+    """Deterministic shuffle-and-cut of ``items`` into train/val/test by ``ratios`` (normalised to sum 1).
+
+    Counts are the largest-remainder rounding of n * ratio; every split with a positive ratio gets >= 1 item
+    when there are enough items (taken from the largest). Splits with ratio 0 are left out. Order within a
+    split follows ``items``.
+    """
+    ratios = np.asarray(ratios, np.float64)
+    if ratios.shape != (3,) or (ratios < 0).any() or ratios.sum() <= 0:
+        raise ValueError(f"split ratios must be 3 non-negative numbers (train val test), got {list(ratios)}")
+    n, ratios = len(items), ratios / ratios.sum()
+    counts = np.floor(n * ratios).astype(int)
+    for i in np.argsort(-(n * ratios - counts), kind="stable")[:n - counts.sum()]:
+        counts[i] += 1
+    for i in np.flatnonzero((ratios > 0) & (counts == 0)):
+        largest = int(np.argmax(counts))
+        if counts[largest] > 1:
+            counts[largest] -= 1
+            counts[i] = 1
+    order = np.random.default_rng(seed).permutation(n)
+    cuts = np.cumsum(counts)[:-1]
+    return {s: [items[j] for j in sorted(part)] for s, part, r in zip(SPLITS, np.split(order, cuts), ratios)
+            if r > 0}
+
+
+def _write_image(path: Path, source, height: int, width: int) -> None:
+    if isinstance(source, np.ndarray):
+        if source.dtype not in (np.uint8, np.uint16) or source.shape[:2] != (height, width):
+            raise DataError(f"{path.name}: array {source.dtype} {source.shape} must be uint8/uint16 with "
+                            f"height x width {height}x{width} as in the json")
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+            tifffile.imwrite(path, source)
+        else:
+            from PIL import Image
+            Image.fromarray(source).save(path)
+    else:
+        shutil.copyfile(source, path)
+
+
+def write_coco_dataset(out_dir: str | os.PathLike, splits: Mapping[str, tuple[dict, object]], *,
+                       overwrite: bool = False) -> dict[str, Path]:
+    """Write ``out_dir/{split}.json`` + ``out_dir/{split}/`` for each split, atomically.
+
+    Args:
+        splits: {split name: (COCO dict, images)}; images is a sequence of image file paths (matched to the
+            json's ``file_name`` by name) or a {file_name: Path | ndarray uint8/uint16 [H, W] or [H, W, C]}
+            mapping (arrays are written as PNG, or TIFF when the name says so).
+        overwrite: replace an existing ``out_dir``; otherwise an existing non-empty folder is an error.
+    Returns:
+        {"<split>_json": Path, "<split>_images": Path} for each split.
+    The set is built in a temporary folder beside ``out_dir``, checked with load_coco (errors raise), and
+    renamed into place: a failure leaves neither a half data set nor the temporary folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or overwrite it "
+                              "(overwrite=True / --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        for split, (coco, images) in splits.items():
+            if not isinstance(images, Mapping):
+                images = {Path(p).name: Path(p) for p in images}
+            names = [im["file_name"] for im in coco["images"]]
+            missing, extra = sorted(set(names) - set(images)), sorted(set(images) - set(names))
+            if missing or extra or len(set(names)) != len(names):
+                raise DataError(f"split {split!r}: json file names and image sources differ (no source for "
+                                f"{missing[:5]}, not in the json {extra[:5]}, or duplicate file names)")
+            (tmp / split).mkdir()
+            for im in coco["images"]:
+                _write_image(tmp / split / im["file_name"], images[im["file_name"]], im["height"], im["width"])
+            with open(tmp / f"{split}.json", "w") as f:
+                json.dump(coco, f, separators=(",", ":"))
+            load_coco(tmp / f"{split}.json", tmp / split)
+        if out_dir.exists():  # a rename onto a non-empty folder is refused: move the old one aside first
+            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {f"{s}_{k}": out_dir / (f"{s}.json" if k == "json" else s) for s in splits for k in ("json", "images")}
+
+
+def describe_dataset(out_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{split: (number of images, number of annotations)} of the ``*.json`` files in a data set folder."""
+    counts = {}
+    for path in sorted(Path(out_dir).glob("*.json")):
+        coco = json.loads(path.read_text())
+        counts[path.stem] = (len(coco.get("images", [])), len(coco.get("annotations", [])))
+    return counts
+
+
+def convert_label_folder(images_dir, out_dir, *, labels_dir=None, split_ratios=(0.6, 0.2, 0.2), seed: int = 0,
+                         category_name: str = "cell", overwrite: bool = False, **options) -> dict[str, Path]:
+    """pair_label_files -> split_items -> labels_to_coco per split -> write_coco_dataset; returns its paths."""
+    parts = split_items(pair_label_files(images_dir, labels_dir), split_ratios, seed)
+    return write_coco_dataset(out_dir, {s: (labels_to_coco(pairs, category_name=category_name, **options),
+                                            [image for image, _ in pairs]) for s, pairs in parts.items()},
+                              overwrite=overwrite)
+
+
+def convert_labelme_folder(json_dir, out_dir, *, split_ratios=(0.6, 0.2, 0.2), seed: int = 0,
+                           overwrite: bool = False) -> dict[str, Path]:
+    """All ``*.json`` in ``json_dir`` -> a data set folder. Categories come from all files together (sorted
+    labels -> ids 1..K), so every split shares one category list."""
+    paths = sorted(Path(json_dir).glob("*.json"))
+    if not paths:
+        raise DataError(f"no labelme *.json files in {json_dir}")
+    categories = {name: i for i, name in enumerate(_region_labels(_read_labelme(paths)), start=1)}
+    parts = split_items(paths, split_ratios, seed)
+    return write_coco_dataset(out_dir, {s: labelme_to_coco(ps, categories) for s, ps in parts.items()},
+                              overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------- DSB2018 sample
+def stardist_sample_paths() -> tuple[Path, Path]:
+    """(img2d.tif, mask2d.tif) inside the installed stardist wheel, found without importing stardist (its
+    import needs tensorflow). Raises DataError with the pip command when stardist is missing."""
+    spec = importlib.util.find_spec("stardist")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the DSB2018 sample ships with the stardist wheel, which is not installed; run: "
+                        f"{STARDIST_PIP}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+    paths = (root / "img2d.tif", root / "mask2d.tif")
+    if not all(p.is_file() for p in paths):
+        raise DataError(f"{paths[0]} / {paths[1]} not found in the installed stardist; run: {STARDIST_PIP}")
+    return paths
+
+
+def convert_dsb2018_sample(out_dir: str | os.PathLike = "data/dsb2018", *, tile: int = 128, seed: int = 0,
+                           min_pixels: int = 5, overwrite: bool = False) -> dict[str, Path]:
+    """The stardist wheel's 512x512 DSB2018 fluorescence crop (125 hand-annotated nuclei, CC0) -> a COCO folder.
+
+    The image is cut into non-overlapping ``tile`` x ``tile`` tiles (row-major, file ``r{row}c{col}.png``),
+    shuffled with ``seed`` and split 62.5/18.75/18.75 % (16 tiles of 128: 10 train / 3 val / 3 test).
+    Nuclei cut by a tile border keep their visible part; visible parts of cut nuclei with fewer than
+    ``min_pixels`` pixels are dropped (one counted warning). The crop is a uint16 TIFF holding values 0..235,
+    so tiles are saved as 8-bit PNG losslessly (uint16 PNG if a value exceeds 255), like the Kaggle PNGs.
+    One category {"id": 1, "name": "nucleus"}; polygons as in label_image_to_annotations.
+    Returns write_coco_dataset's paths.
+    """
+    import tifffile
+    image_path, mask_path = stardist_sample_paths()
+    image, label = tifffile.imread(image_path), tifffile.imread(mask_path).astype(np.int64)
+    height, width = label.shape
+    if tile < 16 or height % tile or width % tile:
+        raise ValueError(f"tile must be >= 16 and divide the {height}x{width} crop (e.g. 64, 128, 256), got {tile}")
+    image = image.astype(np.uint8 if image.max() <= 255 else np.uint16)
+    full_area = np.bincount(label.ravel())
+    tiles, dropped, total = [], 0, 0
+    for r in range(height // tile):
+        for c in range(width // tile):
+            lab = label[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile].copy()
+            ids, counts = np.unique(lab, return_counts=True)
+            cut = (ids > 0) & (counts < full_area[ids])
+            small = ids[cut & (counts < min_pixels)]
+            lab[np.isin(lab, small)] = 0
+            dropped, total = dropped + len(small), total + int(cut.sum())
+            tiles.append((f"r{r}c{c}.png", image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile], lab))
+    if dropped:
+        warnings.warn(f"DSB2018 sample: {dropped} of {total} nucleus parts cut by tile borders were smaller than "
+                      f"{min_pixels} px and dropped", stacklevel=2)
+    about = f"DSB2018 crop shipped with stardist 0.9.2 (CC0), {tile} px tiles, seed {seed}"
+    return write_coco_dataset(out_dir, {
+        split: (_labels_coco([(name, lab) for name, _, lab in part], {"id": 1, "name": "nucleus"}, about),
+                {name: pixels for name, pixels, _ in part})
+        for split, part in split_items(tiles, (10, 3, 3), seed).items()}, overwrite=overwrite)

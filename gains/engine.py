@@ -1,0 +1,594 @@
+"""Training: optimizer, LR schedule, the training data stream, and the training loop (`train`).
+
+The loop in `train()` is meant to be read top to bottom (detectron2's plain_train_net.py is the model): no
+hooks, no registries. Iterations are counted, not epochs; "iteration n" in file names, logs and checkpoints
+is the number of COMPLETED optimizer steps, so `model_0002000.pth` holds the weights after 2000 steps and
+resuming from it runs step index 2000 next.
+
+Reproducibility. Three random streams matter, and each is made a pure function of the config:
+- data order: one global stream of per-epoch permutations seeded by (seed, epoch); rank r of W takes every
+  W-th element, so a global batch holds the same images whatever the number of processes;
+- data augmentation: every sample draws its resize/flip from generators seeded by (seed, its position in
+  that global stream), so it does not depend on the worker, the rank, or on where a run was resumed;
+- everything else in the process (RPN/RoI sampling, dropout): seeded with seed + rank, and saved in the
+  checkpoints so that `--resume` continues the same stream.
+With `deterministic: true` on CPU, a resumed run therefore ends with bitwise the same weights.
+"""
+from __future__ import annotations
+
+import bisect
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import dist
+from .checkpoint import (capture_rng_state, find_last_checkpoint, load_checkpoint, load_weights_for_finetune,
+                         make_checkpoint, preserved_rng_state, restore_rng_state, save_checkpoint,
+                         unwrap_model, write_last_checkpoint, write_text_atomic)
+from .config import ConfigError, dump_config
+
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`device` config value -> torch.device; with CUDA each process uses GPU `local_rank`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}")
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """`deterministic: true` -> deterministic kernels only (an op without one raises, naming itself)."""
+    if not deterministic:
+        return
+    if device.type == "cuda":
+        # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def seed_process(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python `random` and numpy's global generator of this process."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def check_batch_size(ims_per_batch: int, world_size: int) -> int:
+    """Images per process for a global batch of `ims_per_batch`; raises ConfigError unless divisible."""
+    if ims_per_batch < 1 or ims_per_batch % world_size != 0:
+        raise ConfigError(f"solver.ims_per_batch={ims_per_batch} must be a positive multiple of the number of "
+                          f"processes ({world_size}); set solver.ims_per_batch to a multiple of {world_size} "
+                          f"or change --nproc_per_node")
+    return ims_per_batch // world_size
+
+
+def check_solver(s) -> None:
+    """Reject solver values that would crash mid-run (a zero period, steps outside the run) up front."""
+    for key in ("max_iter", "log_period", "checkpoint_period"):
+        if int(s[key]) < 1:
+            raise ConfigError(f"solver.{key} must be >= 1, got {s[key]}")
+    if int(s.eval_period) < 0 or int(s.warmup_iters) < 0:
+        raise ConfigError("solver.eval_period and solver.warmup_iters must be >= 0")
+    if list(s.steps) != sorted(s.steps):
+        raise ConfigError(f"solver.steps must be increasing, got {list(s.steps)}")
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; norm layers' affine parameters get `solver.weight_decay_norm` (detectron2's
+    split: decaying a GroupNorm/BatchNorm scale towards 0 fights the normalisation). Frozen parameters
+    (requires_grad False) are not handed to the optimizer."""
+    s = cfg.solver
+    norm_params, other_params, seen = [], [], set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (norm_params if isinstance(module, _NORM_TYPES) else other_params).append(param)
+    groups = [{"params": other_params, "weight_decay": float(s.weight_decay)}]
+    if norm_params:
+        groups.append({"params": norm_params, "weight_decay": float(s.weight_decay_norm)})
+    return torch.optim.SGD(groups, lr=float(s.base_lr), momentum=float(s.momentum))
+
+
+def lr_factor(iteration: int, *, warmup_iters: int, warmup_factor: float, steps, gamma: float) -> float:
+    """LR multiplier at 0-based `iteration`: linear warm-up from `warmup_factor` to 1 over `warmup_iters`,
+    times gamma ** (number of `steps` <= iteration) (detectron2's WarmupMultiStepLR)."""
+    factor = gamma ** bisect.bisect_right(sorted(steps), iteration)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
+    """Per-iteration LR = base_lr * lr_factor(iteration); call `step()` after every optimizer step.
+
+    The checkpointed state is only the position (`last_epoch` = completed iterations): on resume the
+    schedule's shape (base_lr, warm-up, steps) comes from the current config, so e.g. `solver.steps=...`
+    on a resumed run takes effect.
+    """
+
+    def __init__(self, optimizer, *, warmup_iters: int, warmup_factor: float, steps, gamma: float):
+        self.schedule = dict(warmup_iters=int(warmup_iters), warmup_factor=float(warmup_factor),
+                             steps=[int(x) for x in steps], gamma=float(gamma))
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [base * lr_factor(self.last_epoch, **self.schedule) for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        # optimizer.load_state_dict brought back the checkpoint's LRs; recompute them from the config.
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, self.get_lr()):
+            group["initial_lr"], group["lr"] = base, lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_lr_scheduler(cfg, optimizer) -> WarmupMultiStepLR:
+    s = cfg.solver
+    return WarmupMultiStepLR(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
+                             steps=s.steps, gamma=s.gamma)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence hashing)."""
+    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+_PERMUTATION, _SAMPLE = 0, 1  # purpose tags so permutation and augmentation seeds never coincide
+
+
+class TrainingSampler(Sampler):
+    """Infinite shuffled stream of (dataset index, global position) for one rank.
+
+    The global stream is the concatenation of permutations of range(size), epoch e seeded by (seed, e).
+    Rank r of W yields global positions start + r, start + r + W, ...; `start` (= completed iterations x
+    global batch) makes a resumed run continue exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if size <= 0:
+            raise ValueError("the training set is empty")
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(derive_seed(_PERMUTATION, self.seed, epoch))
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position, epoch, perm = self.start + self.rank, -1, []
+        while True:
+            e, offset = divmod(position, self.size)
+            if e != epoch:
+                epoch, perm = e, self._permutation(e)
+            yield perm[offset], position
+            position += self.world_size
+
+
+class SeededSamples(Dataset):
+    """Wraps a data set so item (index, position) is loaded with all generators seeded by (seed, position).
+
+    The augmentation (Python `random` in the transforms, or torch/numpy) then depends only on the sample's
+    place in the global stream. The caller's generator states are restored afterwards, so loading in the
+    main process (num_workers=0) does not shift the model's random stream.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, position = key
+        s = derive_seed(_SAMPLE, self.seed, position)
+        with preserved_rng_state():
+            torch.default_generator.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            return self.dataset[index]
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id (base_seed from the loader's generator, seeded
+    # with seed + rank); give numpy and random matching, distinct seeds too.
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def list_collate(batch):
+    """[(image, target), ...] -> (list of images, list of targets) (the gains.data.collate contract)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def build_train_loader(dataset: Dataset, *, images_per_rank: int, seed: int, rank: int, world_size: int,
+                       start_iter: int, num_workers: int, collate_fn: Callable = list_collate,
+                       pin_memory: bool = False) -> DataLoader:
+    """Endless DataLoader of (list of images, list of targets), `images_per_rank` per batch, starting at
+    iteration `start_iter` of the global stream (see TrainingSampler)."""
+    sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
+                              start=start_iter * images_per_rank * world_size)
+    generator = torch.Generator().manual_seed(seed + rank)  # worker base seeds; never the global RNG
+    return DataLoader(SeededSamples(dataset, seed), batch_size=images_per_rank, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=_seed_worker,
+                      generator=generator, pin_memory=pin_memory)
+
+
+def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
+    """Copies of a batch on `device` (tensors in targets move; ints and tuples stay); inputs untouched."""
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+def _json_safe(value: Any) -> Any:
+    """Make metrics JSON-clean: tensors/numpy -> Python, NaN/inf -> strings (strict JSON has neither)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if torch.is_tensor(value) or isinstance(value, np.generic):
+        value = value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
+        return _json_safe(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class MetricsLog:
+    """JSON lines in `output_dir/metrics.jsonl`, written by rank 0 only.
+
+    On start, lines of iterations after `start_iter` (left by a run that crashed after its last checkpoint)
+    are dropped, so a resumed run's log reads as one run; a fresh run (start_iter 0) starts an empty log.
+    """
+
+    def __init__(self, path: Path, start_iter: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if start_iter > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if int(json.loads(line).get("iter", 0)) <= start_iter:
+                        kept.append(line)
+                except (ValueError, AttributeError):
+                    continue  # a half-written last line of a killed run
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_json_safe(record)) + "\n")
+
+
+class WindowMeter:
+    """Means of losses and timings over the iterations since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def update(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def pop_means(self) -> dict[str, float]:
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def run_evaluation(model: nn.Module, cfg, split: str, output_dir: Path) -> dict | None:
+    """Call gains.evaluation.evaluate_model(model, cfg, split, output_dir) on every rank (it shards the
+    data itself) if that module exists; else log one line and return None. The model is put in eval mode
+    for the call and back afterwards; the global random generators are left as they were, so evaluating
+    does not change the training that follows."""
+    if importlib.util.find_spec("gains.evaluation") is None:
+        logger.info("evaluation module not available; skipped (%s split)", split)
+        return None
+    evaluation = importlib.import_module("gains.evaluation")
+    bare = unwrap_model(model)
+    was_training = bare.training
+    bare.eval()
+    try:
+        with torch.no_grad(), preserved_rng_state():
+            results = evaluation.evaluate_model(bare, cfg, split, str(output_dir))
+    finally:
+        bare.train(was_training)
+    logger.info("evaluation on %s: %s", split, results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainResult:
+    """What `train` leaves behind: the final checkpoint, the iterations done, the last evaluation."""
+
+    final_checkpoint: Path | None
+    iterations: int
+    eval_results: dict | None
+
+
+def _save(path_name: str, output_dir: Path, model, optimizer, scheduler, scaler, iteration, cfg,
+          category_map) -> Path:
+    """Checkpoint on rank 0 (RNG states of all ranks gathered first: a collective, so every rank calls)."""
+    rng_states = dist.all_gather_object(capture_rng_state())
+    path = output_dir / path_name
+    if dist.is_main_process():
+        state = make_checkpoint(model, optimizer, scheduler, scaler, iteration=iteration, config=cfg,
+                                category_map=category_map, rng_states=rng_states)
+        save_checkpoint(state, path)
+        write_last_checkpoint(output_dir, path_name)
+        logger.info("saved %s", path)
+    return path
+
+
+def _build_default_dataset(cfg):
+    from .data import build_dataset, collate  # imported here: engine must import without the data stack
+    return build_dataset(cfg, "train", is_train=True), collate
+
+
+def _build_default_model(cfg) -> nn.Module:
+    from .model import build_model
+    return build_model(cfg)
+
+
+def train(cfg, resume: bool = False, *, model: nn.Module | None = None, dataset: Dataset | None = None,
+          collate_fn: Callable | None = None) -> TrainResult:
+    """Train `build_model(cfg)` on the training split for `solver.max_iter` iterations.
+
+    Works unchanged as one process or under torchrun (DDP). `resume`: continue from
+    `output_dir/last_checkpoint` (model, optimizer, scheduler, scaler, iteration, RNG states); without a
+    checkpoint it starts from scratch. `model`/`dataset`/`collate_fn` replace the config-built ones (tests,
+    notebooks); the dataset's items follow the gains.data contract and the model returns a loss dict.
+    Raises FloatingPointError when a loss becomes NaN/inf (nothing of that step is saved).
+    """
+    check_solver(cfg.solver)
+    info = dist.init_distributed()
+    images_per_rank = check_batch_size(int(cfg.solver.ims_per_batch), info.world_size)
+    device = resolve_device(cfg.device, info.local_rank)
+    configure_determinism(bool(cfg.deterministic), device)
+    seed_process(int(cfg.seed) + info.rank)
+    output_dir = Path(cfg.output_dir)
+    main = dist.is_main_process()
+    log_handler = _open_log_file(output_dir) if main else None
+    try:
+        return _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, device, output_dir)
+    finally:
+        if log_handler is not None:
+            logging.getLogger("gains").removeHandler(log_handler)
+            log_handler.close()
+
+
+def _open_log_file(output_dir: Path) -> logging.Handler:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(output_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.getLogger("gains").addHandler(handler)
+    return handler
+
+
+def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, device, output_dir) -> TrainResult:
+    s = cfg.solver
+    main = dist.is_main_process()
+    if main:
+        dump_config(cfg, output_dir / "config.yaml")
+
+    # ---- model, data, optimizer
+    if model is None:
+        model = _build_default_model(cfg)
+    if dataset is None:
+        dataset, default_collate = _build_default_dataset(cfg)
+        collate_fn = collate_fn or default_collate
+    category_map = dataset.category_map.to_dict() if hasattr(dataset, "category_map") else None
+    model.to(device).train()
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    use_amp = bool(s.amp) and device.type == "cuda"
+    if s.amp and not use_amp:
+        logger.info("solver.amp is ignored on %s (mixed precision is CUDA-only here)", device.type)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    # ---- resume or fresh start
+    start_iter = 0
+    last = find_last_checkpoint(output_dir) if resume else None
+    if last is not None:
+        ckpt = load_checkpoint(last, model, optimizer, scheduler, scaler, config=cfg)
+        start_iter = int(ckpt["iteration"])
+        states = ckpt.get("rng_states") or []
+        if len(states) == info.world_size:
+            restore_rng_state(states[info.rank])
+        else:
+            logger.warning("%s was written by %d process(es), this run has %d: weights, optimizer and data "
+                           "order resume exactly, RPN/RoI sampling restarts from seed + rank",
+                           last, len(states), info.world_size)
+        logger.info("resumed from %s at iteration %d", last, start_iter)
+    else:
+        if resume:
+            logger.info("--resume: no checkpoint in %s; starting from scratch", output_dir)
+        elif main and (output_dir / "last_checkpoint").exists():
+            logger.warning("%s holds checkpoints of an earlier run; they will be overwritten (use --resume "
+                           "to continue that run instead)", output_dir)
+            (output_dir / "last_checkpoint").unlink()
+        if cfg.init_weights:
+            load_weights_for_finetune(model, cfg.init_weights)
+    dist.barrier()  # nobody trains before rank 0 has dealt with the output folder
+
+    if info.world_size > 1:
+        # Every parameter gets a gradient each step (losses use `x.sum() * 0` for empty cases), so DDP
+        # needs no find_unused_parameters; buffers (frozen BN statistics) are not broadcast each step.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    loader = build_train_loader(dataset, images_per_rank=images_per_rank, seed=int(cfg.seed), rank=info.rank,
+                                world_size=info.world_size, start_iter=start_iter,
+                                num_workers=int(cfg.data.num_workers), collate_fn=collate_fn or list_collate,
+                                pin_memory=device.type == "cuda")
+    metrics = MetricsLog(output_dir / "metrics.jsonl", start_iter, enabled=main)
+    max_iter = int(s.max_iter)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    eval_results = None
+    if start_iter >= max_iter:
+        logger.info("training already finished (%d >= solver.max_iter=%d)", start_iter, max_iter)
+        return TrainResult(find_last_checkpoint(output_dir), start_iter, None)
+
+    logger.info("training %d -> %d iterations, %d image(s) per step on %d process(es), device %s",
+                start_iter, max_iter, int(s.ims_per_batch), info.world_size, device)
+    progress = _Progress(start_iter, max_iter, enabled=main and sys.stderr.isatty())
+    meter = WindowMeter()
+    try:
+        data_iter = iter(loader)
+        for it in range(start_iter, max_iter):
+            # ---- one step: load, forward, reduce for logging, check, backward, update
+            t_start = time.perf_counter()
+            images, targets = to_device(*next(data_iter), device)
+            t_data = time.perf_counter() - t_start
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss_dict = model(images, targets)
+            total = sum(loss_dict.values())
+            logged = dist.reduce_loss_dict(loss_dict)  # mean over ranks: all ranks see the same values
+            if not all(math.isfinite(v) for v in logged.values()):
+                _stop_on_nonfinite(it + 1, logged, metrics, output_dir)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if s.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, float(s.clip_grad_norm))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            done = it + 1
+
+            # ---- bookkeeping: log, checkpoint, evaluate
+            meter.update({**logged, "total_loss": sum(logged.values()), "time": time.perf_counter() - t_start,
+                          "data_time": t_data})
+            progress.update(1)
+            if done % int(s.log_period) == 0 or done == max_iter:
+                means = meter.pop_means()
+                record = {"iter": done, **means, "lr": lr, "eta_seconds": means["time"] * (max_iter - done)}
+                if device.type == "cuda":
+                    record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                metrics.write(record)
+                _log_line(record, max_iter, progress)
+            if done % int(s.checkpoint_period) == 0 and done < max_iter:
+                _save(f"model_{done:07d}.pth", output_dir, model, optimizer, scheduler, scaler, done, cfg,
+                      category_map)
+            if int(s.eval_period) > 0 and done % int(s.eval_period) == 0:
+                results = run_evaluation(model, cfg, "val", output_dir / f"eval_{done:07d}")
+                if results is not None:
+                    metrics.write({"iter": done, "split": "val", "eval": results})
+    finally:
+        progress.close()
+
+    final = _save("model_final.pth", output_dir, model, optimizer, scheduler, scaler, max_iter, cfg,
+                  category_map)
+    if cfg.test.eval_at_end:
+        split = str(cfg.test.split)
+        eval_results = run_evaluation(model, cfg, split, output_dir / f"eval_final_{split}")
+        if eval_results is not None:
+            metrics.write({"iter": max_iter, "split": split, "eval": eval_results})
+    dist.barrier()
+    return TrainResult(final, max_iter, eval_results)
+
+
+def _stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: MetricsLog, output_dir: Path):
+    """Stop before the bad step touches the weights; the last checkpoint on disk stays the newest."""
+    bad = [k for k, v in logged.items() if not math.isfinite(v)]
+    metrics.write({"iter": iteration, "error": "non-finite loss", **logged})
+    last = find_last_checkpoint(output_dir)
+    raise FloatingPointError(
+        f"non-finite loss at iteration {iteration}: {', '.join(bad)} "
+        f"({', '.join(f'{k}={v:.4g}' for k, v in logged.items())}); training stopped without saving this "
+        f"step. Last good checkpoint: {last if last else 'none yet'} (continue with --resume after lowering "
+        f"solver.base_lr or enabling solver.clip_grad_norm)")
+
+
+class _Progress:
+    """tqdm bar (rate and ETA) on an interactive rank-0 terminal; a no-op elsewhere, where the log lines
+    carry the same numbers. While the bar is shown, console log lines go through tqdm.write so they do
+    not tear it."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = self._redirect = None
+        if enabled:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix_str(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
+            self.bar.close()
+            self.bar = None
+
+
+def _log_line(record: dict, max_iter: int, progress) -> None:
+    losses = "  ".join(f"{k}: {v:.4f}" for k, v in record.items() if k.startswith("loss") or k == "total_loss")
+    line = (f"iter {record['iter']}/{max_iter}  {losses}  lr: {record['lr']:.6g}  "
+            f"s/it: {record['time']:.3f}  data: {record['data_time']:.3f}  eta: {_format_eta(record['eta_seconds'])}")
+    progress.set_postfix_str(f"loss {record['total_loss']:.3f} lr {record['lr']:.2g}")
+    logger.info(line)

@@ -1,0 +1,55 @@
+"""Train GAInS / Mask R-CNN.
+
+    python train.py CONFIG [key=value ...] [--resume]
+    torchrun --nproc_per_node=2 train.py CONFIG [key=value ...] [--resume]
+
+`key=value` overrides any config key (`solver.base_lr=0.01 output_dir=runs/x`); `--resume` continues from
+the last checkpoint in output_dir. Everything else lives in gains/engine.py.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from gains import dist
+from gains.checkpoint import CheckpointError
+from gains.config import ConfigError, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/isbi_r50.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from output_dir/last_checkpoint (starts fresh when there is none)")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # known before the process group exists
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    from gains.coco import DataError
+    from gains.engine import train
+    try:
+        train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
+        # Errors whose message says what to fix: print it without a traceback.
+        if rank == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
