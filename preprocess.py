@@ -3,9 +3,13 @@
 
     python preprocess.py --dataset isbi|ucoc|kaggle          # the paper's data sets, README layout + presets
     python preprocess.py --dataset synthetic [--out DIR]     # write the synthetic data set
+    python preprocess.py --dataset dsb2018-sample [--out DIR] # real DSB2018 nuclei (needs the stardist wheel)
+    python preprocess.py --from-labels IMAGES [--labels-dir DIR] --out DIR [--split-ratios 0.6 0.2 0.2]
+    python preprocess.py --from-labelme JSON_DIR --out DIR [--split-ratios 0.6 0.2 0.2]
     python preprocess.py --json A.json --images DIR --variant isbi --window-size 5 --ga-factor 0.5 \
         --overlap-hl 0.1 --target-category 0 [--out DIR] [--workers N] [--dtype float32|float16]
 
+The last three write a COCO data set folder (train.json + train/, val.json + val/, test.json + test/).
 Maps go to `<out or images>/anomap_ws{N}_f{F}_ol{O}/{annotation_id}.npy` (the authors' layout).
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ PRESETS = {
     "ucoc": ("data/ucoc/train.json", "data/ucoc/train", "chrom", 5, 0.5, 0.3, 1),
     "kaggle": ("data/kaggle2018/train.json", "data/kaggle2018/train", "nuclei", 8, 0.8, 0.1, 1),
 }
-DATASETS = (*PRESETS, "synthetic")
+DATASETS = (*PRESETS, "synthetic", "dsb2018-sample")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,9 +42,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for --dataset synthetic: where the data set is written")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    p.add_argument("--overwrite", action="store_true", help="recompute maps that already exist")
+    p.add_argument("--overwrite", action="store_true", help="recompute maps that already exist; converters: "
+                   "replace an existing --out folder")
     p.add_argument("--visualize", type=int, default=0, metavar="K", help="write PNG overlays for K images")
+    convert = p.add_argument_group("converters (write a COCO data set folder to --out)")
+    convert.add_argument("--from-labels", type=Path, metavar="IMAGES_DIR",
+                         help="images + instance label images (X.tif + X_masks.tif, or --labels-dir)")
+    convert.add_argument("--labels-dir", type=Path, help="label images named like the images")
+    convert.add_argument("--from-labelme", type=Path, metavar="JSON_DIR", help="folder of labelme *.json")
+    convert.add_argument("--split-ratios", type=float, nargs=3, default=(0.6, 0.2, 0.2),
+                         metavar=("TRAIN", "VAL", "TEST"), help="image split (default 0.6 0.2 0.2; seed 0)")
+    convert.add_argument("--category-name", default="cell", help="category of label-image instances")
     args = p.parse_args(argv)
+    if sum(x is not None for x in (args.dataset, args.from_labels, args.from_labelme)) > 1:
+        p.error("use one of --dataset, --from-labels, --from-labelme")
+    if (args.from_labels or args.from_labelme) and args.out is None:
+        p.error("--from-labels / --from-labelme need --out DIR (the data set folder to write)")
+    if args.from_labels or args.from_labelme:
+        return args
     if args.dataset in PRESETS:
         json_path, images, variant, ws, ga, ol, target = PRESETS[args.dataset]
         args.json = args.json or Path(json_path)
@@ -111,8 +130,33 @@ def run_gamm(args) -> int:
     return 1 if summary["failures"] else 0
 
 
+def run_convert(args) -> int:
+    from gains.coco import DataError
+    from gains.convert import convert_dsb2018_sample, convert_folder, describe_dataset
+
+    try:
+        if args.dataset == "dsb2018-sample":
+            out = args.out or Path("data/dsb2018")
+            convert_dsb2018_sample(out, overwrite=args.overwrite)
+        else:
+            out = args.out
+            convert_folder(args.from_labels or args.from_labelme, out,
+                           kind="labels" if args.from_labels else "labelme", labels_dir=args.labels_dir,
+                           split_ratios=args.split_ratios, category_name=args.category_name,
+                           overwrite=args.overwrite)
+    except (DataError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"data set written to {out}")
+    for split, (images, annotations) in describe_dataset(out).items():
+        print(f"  {split}: {images} images, {annotations} instances -> {out / split}.json, {out / split}/")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dataset == "dsb2018-sample" or args.from_labels or args.from_labelme:
+        return run_convert(args)
     if args.dataset == "synthetic":
         from gains.synthetic import make_synthetic_dataset
         paths = make_synthetic_dataset(args.out or Path("data/synthetic"))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .mask_runs import MaskRuns, runs_from_dense
+
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # pycocotools' array: entry 8 is 0.8999999999999999
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 # Inclusive on both ends, as pycocotools compares `area < lo or area > hi`.
@@ -35,17 +37,17 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 @dataclass
 class ImageInstances:
-    """One image, normalised: masks flattened to [N, H*W] uint8/bool (same pixel order for GT and det)."""
+    """One image, normalised; masks as `MaskRuns` (GT and detections in the same pixel order)."""
 
     image_id: int
     gt_labels: np.ndarray  # int64 [G]
     gt_crowd: np.ndarray  # bool [G]
     gt_areas: np.ndarray  # float64 [G], the 'area' field (area ranges only)
-    gt_masks: np.ndarray | None  # [G, P] 0/1
+    gt_masks: MaskRuns | None  # G masks
     gt_boxes: np.ndarray | None  # float64 [G, 4] xywh
     det_labels: np.ndarray  # int64 [D]
     det_scores: np.ndarray  # float64 [D]
-    det_masks: np.ndarray | None  # [D, P] 0/1
+    det_masks: MaskRuns | None  # D masks
     det_boxes: np.ndarray | None  # float64 [D, 4] xywh
 
 
@@ -53,8 +55,8 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def _flat_masks(masks, n: int, what: str) -> np.ndarray:
-    """[N,H,W] or [N,1,H,W] bool/int masks -> [N, H*W]; floats are refused (threshold them first)."""
+def _mask_runs(masks, n: int, what: str) -> MaskRuns:
+    """[N,H,W] or [N,1,H,W] bool/int masks -> MaskRuns (row-major); floats are refused (threshold them)."""
     m = _numpy(masks)
     if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]
@@ -62,9 +64,7 @@ def _flat_masks(masks, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what}: masks must have shape [{n},H,W], got {tuple(m.shape)}")
     if m.dtype.kind == "f":
         raise ValueError(f"{what}: masks are floating point; binarise them (e.g. probs > 0.5) first")
-    if m.dtype != np.bool_ and m.dtype != np.uint8:
-        m = m != 0
-    return m.reshape(n, m.shape[1] * m.shape[2])
+    return runs_from_dense(m.reshape(n, m.shape[1] * m.shape[2]), line=m.shape[2])
 
 
 def _vector(d: dict, key: str, n: int, dtype, default, what: str) -> np.ndarray:
@@ -95,15 +95,15 @@ def normalize_images(gt_per_image, det_per_image) -> list[ImageInstances]:
         what = f"image {image_id}"
         gl = _numpy(gt["labels"]).astype(np.int64).reshape(-1)
         dl = _numpy(det["labels"]).astype(np.int64).reshape(-1)
-        gm = None if gt.get("masks") is None else _flat_masks(gt["masks"], len(gl), what + " GT")
-        dm = None if det.get("masks") is None else _flat_masks(det["masks"], len(dl), what + " detections")
-        if gm is not None and dm is not None and gm.shape[1] != dm.shape[1] and len(gl) and len(dl):
+        gm = None if gt.get("masks") is None else _mask_runs(gt["masks"], len(gl), what + " GT")
+        dm = None if det.get("masks") is None else _mask_runs(det["masks"], len(dl), what + " detections")
+        if gm is not None and dm is not None and (gm.size, gm.line) != (dm.size, dm.line) and len(gl) and len(dl):
             raise ValueError(f"{what}: GT and detection masks have different sizes")
         gb, db = _boxes(gt, len(gl), what + " GT"), _boxes(det, len(dl), what + " detections")
         if gt.get("areas") is not None:
             areas = _vector(gt, "areas", len(gl), np.float64, 0.0, what)
         elif gm is not None:
-            areas = gm.sum(axis=1, dtype=np.int64).astype(np.float64)
+            areas = gm.areas().astype(np.float64)
         elif gb is not None:
             areas = gb[:, 2] * gb[:, 3]
         else:
@@ -121,9 +121,8 @@ def normalize_images(gt_per_image, det_per_image) -> list[ImageInstances]:
 
 # ----------------------------------------------------------------------------------------- overlaps
 def pairwise_intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact |a_i ∩ b_j| for 0/1 masks a [N,P], b [M,P] -> int64 [N,M].
-
-    A BLAS matrix product is exact here: float32 represents every integer below 2**24, so when the
+    """Exact |a_i ∩ b_j| for dense 0/1 masks a [N,P], b [M,P] -> int64 [N,M] (a reference for
+    `MaskRuns.intersections`, which the metrics use). A BLAS matrix product is exact here: float32 represents every integer below 2**24, so when the
     pixel count P is below that no partial sum can round; larger images fall back to float64.
     """
     if len(a) == 0 or len(b) == 0:
@@ -175,10 +174,13 @@ def category_overlaps(im: ImageInstances, max_dets: int | None) -> dict[int, Cat
         gi = np.flatnonzero(im.gt_labels == c)
         di = np.flatnonzero(im.det_labels == c)
         di = di[score_order(im.det_scores[di])][:max_dets]
-        gm = im.gt_masks[gi] if len(gi) else np.zeros((0, 0), np.uint8)
-        dm = im.det_masks[di] if len(di) else np.zeros((0, 0), np.uint8)
-        out[c] = CategoryOverlap(gi, di, pairwise_intersections(dm, gm),
-                                 gm.sum(axis=1, dtype=np.int64), dm.sum(axis=1, dtype=np.int64))
+        if len(gi) == 0 or len(di) == 0:  # nothing to intersect; the other side's masks may be absent
+            gp = im.gt_masks.take(gi).areas() if len(gi) else np.zeros(0, np.int64)
+            dp = im.det_masks.take(di).areas() if len(di) else np.zeros(0, np.int64)
+            out[c] = CategoryOverlap(gi, di, np.zeros((len(di), len(gi)), np.int64), gp, dp)
+            continue
+        gm, dm = im.gt_masks.take(gi), im.det_masks.take(di)
+        out[c] = CategoryOverlap(gi, di, dm.intersections(gm), gm.areas(), dm.areas())
     return out
 
 

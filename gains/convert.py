@@ -1,10 +1,9 @@
-"""Foreign annotations -> COCO data set folders: instance label images, labelme json, and a real DSB2018 sample.
+"""Foreign annotations -> COCO data set folders: instance label images, labelme json, a real DSB2018 sample.
 
-A data set folder has the layout the configs use: ``out/{split}.json`` + ``out/{split}/<images>`` for each
-split (train/val/test). Folders are written atomically (temp folder + rename, as gains.synthetic does) and
-validated with gains.coco.load_coco before the rename, so a folder that exists is one the loader accepts.
-
-Coordinates: COCO's pixel-corner convention, x right / y down; pixel (row r, col c) covers [c, c+1] x [r, r+1].
+A data set folder has the layout the configs use: ``out/{split}.json`` + ``out/{split}/<images>`` per split
+(train/val/test). It is written atomically (temp folder + rename, as gains.synthetic does) and checked with
+gains.coco.load_coco before the rename, so a folder that exists is one the loader accepts.
+Coordinates follow COCO: x right, y down, pixel (row r, col c) covers [c, c+1] x [r, r+1].
 """
 from __future__ import annotations
 
@@ -29,35 +28,34 @@ from .coco import DataError, load_coco
 from .imageio import read_image_array, read_image_size
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-LABEL_SUFFIX = "_masks"   # cellpose's convention: X.tif <-> X_masks.tif
-SPLITS = ("train", "val", "test")
+LABEL_SUFFIX = "_masks"                               # cellpose's naming: X.tif <-> X_masks.tif
 REGION_SHAPES = ("polygon", "rectangle", "circle")   # labelme shape types that become instances
+SPLITS = ("train", "val", "test")
 STARDIST_PIP = "/work/venv/bin/pip install --no-deps stardist==0.9.2"
 
 
 # ------------------------------------------------------------------------------------ label images -> COCO
 def _ring_polygons(crop: np.ndarray) -> tuple[list[np.ndarray], int]:
-    """Boundary of a bool crop [h, w] -> (outer rings as float64 [P, 2] xy in crop coordinates, hole count).
+    """Boundary of a bool crop [h, w] -> (outer rings, float64 [P, 2] xy in crop coordinates; hole count).
 
-    Marching squares at level 0.5 on pixel centres (c + 0.5, r + 0.5): every vertex lies half-way between a
-    foreground and a background centre, so each ring separates the pixels exactly and rasterises back to them
-    (pycocotools fills a pixel when its centre is inside). Collinear vertices are dropped; outer rings run with
-    positive shoelace area (x right, y down), holes negative. Diagonal-only contacts give separate rings.
+    Marching squares at level 0.5 on the pixel centres (c + 0.5, r + 0.5): every vertex lies half-way between
+    a foreground and a background centre, so a ring separates the pixels exactly and rasterises back to them
+    (pycocotools fills a pixel whose centre is inside). Collinear vertices are dropped. Outer rings have a
+    positive shoelace area (x right, y down), holes a negative one; diagonal-only contacts give separate rings.
     """
     z = np.pad(crop.astype(np.float64), 1)
-    h, w = z.shape
-    gen = contourpy.contour_generator(np.arange(w) - 1.5, np.arange(h) - 1.5, z,
+    gen = contourpy.contour_generator(np.arange(z.shape[1]) - 0.5, np.arange(z.shape[0]) - 0.5, z,
                                       line_type=contourpy.LineType.Separate)
     rings, holes = [], 0
     for line in gen.lines(0.5):
         ring = line[:-1]  # closed lines repeat their first point
-        area = 0.5 * np.sum(ring[:, 0] * np.roll(ring[:, 1], -1) - np.roll(ring[:, 0], -1) * ring[:, 1])
-        if area < 0:
+        nxt = np.roll(ring, -1, 0)
+        if np.sum(ring[:, 0] * nxt[:, 1] - nxt[:, 0] * ring[:, 1]) < 0:
             holes += 1
             continue
-        prev, nxt = ring - np.roll(ring, 1, 0), np.roll(ring, -1, 0) - ring
-        cross = prev[:, 0] * nxt[:, 1] - prev[:, 1] * nxt[:, 0]
-        rings.append(ring[(cross != 0) | ((prev * nxt).sum(1) < 0)])
+        d_in, d_out = ring - np.roll(ring, 1, 0), nxt - ring
+        cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
+        rings.append(ring[(cross != 0) | ((d_in * d_out).sum(1) < 0)])
     return rings, holes
 
 
@@ -78,38 +76,28 @@ def _check_label_image(label: np.ndarray, where: str) -> np.ndarray:
 def label_image_to_annotations(label: np.ndarray, *, image_id: int, first_id: int = 1, category_id: int = 1,
                                segmentation: str = "polygon", holes: str = "rle", min_polygon_pixels: int = 3,
                                min_iou: float = 0.95, stats: Counter | None = None) -> list[dict]:
-    """One instance label image -> COCO annotations, one per positive id, in ascending id order.
+    """Label image int [H, W] (0 = background; 8..64-bit; ids need not be contiguous) -> COCO annotations,
+    one per positive id in ascending order, ids ``first_id``, first_id + 1, ...; ``bbox`` [x, y, w, h] of the
+    pixels, ``area`` the pixel count, ``iscrowd`` 0. Label images cannot express overlaps.
 
-    Args:
-        label: integer [H, W] (8/16/32/64-bit; ids need not be contiguous), 0 = background.
-        image_id, first_id: the image's id and the id of the first annotation (ids then count up by 1).
-        segmentation: "polygon" (one ring per connected part, all in one annotation) or "rle" (compressed RLE
-            of the exact pixels, counts as str) for every instance.
-        holes: COCO polygons are united, so they cannot cut a hole. "rle" stores instances with holes as RLE
-            (pixel-exact); "fill" keeps the outer rings, i.e. fills the holes.
-        min_polygon_pixels: smaller instances are stored as RLE (kept, never dropped).
-        min_iou: polygons whose rasterisation has a lower IoU with the pixels are replaced by RLE (a safety net:
-            the rings are pixel-exact, so only holes="fill" on large holes can trigger it).
-        stats: optional Counter; "instances", "multi_part", "rle_tiny", "rle_holes", "rle_fallback" are added.
-    Returns:
-        COCO annotation dicts: ``bbox`` [x, y, w, h] of the pixels, ``area`` the pixel count, ``iscrowd`` 0,
-        ``segmentation`` polygons [[x0, y0, x1, y1, ...], ...] (half-integer coordinates) or RLE.
-    Label images cannot express overlaps: each pixel belongs to at most one instance.
+    segmentation: "polygon": one pixel-exact ring per connected part ([[x0, y0, x1, y1, ...], ...], half-integer
+    coordinates), all parts in one annotation; "rle": compressed RLE (counts str) for every instance.
+    holes: COCO polygons are united and cannot cut holes: "rle" stores instances with holes as RLE (exact),
+    "fill" keeps the outer rings (holes filled). Instances under ``min_polygon_pixels`` are kept as RLE, and so
+    are polygons whose rasterisation has IoU < ``min_iou`` with the pixels (a safety net). ``stats`` (Counter)
+    gets "instances", "multi_part", "rle_tiny", "rle_holes", "rle_fallback" added.
     """
     if segmentation not in ("polygon", "rle") or holes not in ("rle", "fill"):
         raise ValueError(f"segmentation must be 'polygon' or 'rle' and holes 'rle' or 'fill', "
                          f"got {segmentation!r}, {holes!r}")
     label = _check_label_image(np.asarray(label), f"image id {image_id}")
     stats = stats if stats is not None else Counter()
-    # compact ids 1..K (find_objects on raw 32-bit ids would allocate a list as long as the largest id);
-    # 0 stays background even when no pixel is background
+    # ids -> 1..K (find_objects allocates up to the largest id); 0 stays background even if nothing is
     ids, compact = np.unique(label, return_inverse=True)
     compact = compact.reshape(label.shape) + int(ids[0] != 0)
     full = np.zeros(label.shape, np.uint8, order="F")
     annotations = []
-    for k, sl in enumerate(ndimage.find_objects(compact), start=1):
-        if sl is None:
-            continue
+    for k, sl in enumerate(ndimage.find_objects(compact), start=1):  # every k in 1..K occurs: no None
         crop, y0, x0 = compact[sl] == k, sl[0].start, sl[1].start
         pixels, seg = int(crop.sum()), None
         kind = "rle_tiny" if pixels < min_polygon_pixels else None
@@ -138,55 +126,15 @@ def label_image_to_annotations(label: np.ndarray, *, image_id: int, first_id: in
     return annotations
 
 
-def _read_label(path: Path) -> np.ndarray:
-    """Label image file -> its raw ids; palette PNGs give their indices, not colours (unlike read_image_array)."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return read_image_array(path)
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.array(im)
-
-
-def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None
-                     ) -> list[tuple[Path, Path]]:
-    """Pair images with their label images by name, sorted by image name.
-
-    Without ``labels_dir``: ``X.<ext>`` <-> ``X_masks.<ext>`` in ``images_dir``. With it: ``X.<ext>`` <->
-    ``X.<ext>`` or ``X_masks.<ext>`` in ``labels_dir`` (any image suffix). Raises DataError listing unpaired
-    or ambiguous files, or when no image is found.
-    """
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise DataError(f"image folder {images_dir} not found")
-    def files(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if labels_dir is not None and not Path(labels_dir).is_dir():
-        raise DataError(f"label folder {labels_dir} not found")
-    images, labels = files(images_dir), files(Path(labels_dir)) if labels_dir else []
-    if labels_dir is None:
-        images, labels = ([p for p in images if p.stem.endswith(LABEL_SUFFIX) == is_label] for is_label in (0, 1))
-    by_stem: dict[str, list[Path]] = {}
-    for p in labels:
-        stem = p.stem[:-len(LABEL_SUFFIX)] if p.stem.endswith(LABEL_SUFFIX) else p.stem
-        by_stem.setdefault(stem, []).append(p)
-    pairs, unpaired, ambiguous = [], [], []
-    for image in images:
-        found = by_stem.pop(image.stem, [])
-        if len(found) == 1:
-            pairs.append((image, found[0]))
-        else:
-            (ambiguous if found else unpaired).append(image)
-    leftover = [p for ps in by_stem.values() for p in ps]
-    problems = [f"{what} ({len(ps)}): {', '.join(p.name for p in ps[:10])}{' ...' if len(ps) > 10 else ''}"
-                for what, ps in (("images without a label image", unpaired),
-                                 ("images with several label images", ambiguous),
-                                 ("label images without an image", leftover)) if ps]
-    if problems:
-        raise DataError(f"pairing {images_dir} with {labels_dir or images_dir}: " + "; ".join(problems)
-                        + f". Labels are named X{LABEL_SUFFIX}.<ext> beside X.<ext>, or X.<ext> in --labels-dir")
-    if not pairs:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {images_dir}")
-    return pairs
+def _labels_coco(entries: Sequence[tuple[str, np.ndarray]], category: dict, description: str, **options) -> dict:
+    """[(file_name, label [H, W])] -> COCO dict, image ids 1..N, annotation ids 1..M, counters in info."""
+    images, annotations, stats = [], [], Counter()
+    for image_id, (name, label) in enumerate(entries, start=1):
+        images.append({"id": image_id, "file_name": name, "height": label.shape[0], "width": label.shape[1]})
+        annotations += label_image_to_annotations(label, image_id=image_id, first_id=len(annotations) + 1,
+                                                  category_id=category["id"], stats=stats, **options)
+    return {"info": {"description": description, "conversion": dict(stats)}, "images": images,
+            "annotations": annotations, "categories": [category]}
 
 
 def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]], category_id: int = 1,
@@ -195,10 +143,16 @@ def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
     name). ``options`` go to label_image_to_annotations (segmentation, holes, min_polygon_pixels, min_iou);
     its counters land in ``info["conversion"]``. Label images cannot express overlapping instances.
     Raises DataError when an image and its label differ in size or a label image is not integer 2-D."""
+    from PIL import Image
     entries = []
     for image_path, label_path in pairs:
         image_path, label_path = Path(image_path), Path(label_path)
-        label, size = _check_label_image(_read_label(label_path), str(label_path)), read_image_size(image_path)
+        if label_path.suffix.lower() in (".tif", ".tiff"):
+            label = read_image_array(label_path)
+        else:  # not read_image_array: palette PNGs must give their indices, not colours
+            with Image.open(label_path) as im:
+                label = np.array(im)
+        label, size = _check_label_image(label, str(label_path)), read_image_size(image_path)
         if size != label.shape:
             raise DataError(f"{image_path} is {size[0]}x{size[1]} (HxW) but its label image {label_path} is "
                             f"{label.shape[0]}x{label.shape[1]}; they must match pixel for pixel")
@@ -207,15 +161,34 @@ def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
                         "converted from instance label images by gains.convert", **options)
 
 
-def _labels_coco(entries: Sequence[tuple[str, np.ndarray]], category: dict, description: str, **options) -> dict:
-    """[(file_name, label [H, W])] -> COCO dict with image ids 1..N and annotation ids 1..M."""
-    images, annotations, stats = [], [], Counter()
-    for image_id, (name, label) in enumerate(entries, start=1):
-        images.append({"id": image_id, "file_name": name, "height": label.shape[0], "width": label.shape[1]})
-        annotations += label_image_to_annotations(label, image_id=image_id, first_id=len(annotations) + 1,
-                                                  category_id=category["id"], stats=stats, **options)
-    return {"info": {"description": description, "conversion": dict(stats)}, "images": images,
-            "annotations": annotations, "categories": [category]}
+def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None
+                     ) -> list[tuple[Path, Path]]:
+    """[(image, label image)] sorted by image name: ``X.<ext>`` <-> ``X_masks.<ext>`` in ``images_dir``, or
+    <-> ``X.<ext>`` / ``X_masks.<ext>`` in ``labels_dir`` (any image suffixes). Raises DataError listing
+    unpaired or ambiguous files, or when there is no image."""
+    def listing(folder) -> list[Path]:
+        if not Path(folder).is_dir():
+            raise DataError(f"folder {folder} not found")
+        return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                      and not p.name.startswith("."))
+    images = listing(images_dir)
+    labels = listing(labels_dir) if labels_dir else [p for p in images if p.stem.endswith(LABEL_SUFFIX)]
+    images = images if labels_dir else [p for p in images if not p.stem.endswith(LABEL_SUFFIX)]
+    by_stem: dict[str, list[Path]] = {}
+    for p in labels:
+        by_stem.setdefault(p.stem.removesuffix(LABEL_SUFFIX), []).append(p)
+    found = [(image, by_stem.pop(image.stem, [])) for image in images]
+    problems = {"images without a label image": [i for i, ls in found if not ls],
+                "images with several label images": [i for i, ls in found if len(ls) > 1],
+                "label images without an image": [p for ps in by_stem.values() for p in ps]}
+    problems = [f"{what} ({len(ps)}): {', '.join(p.name for p in ps[:10])}{' ...' if len(ps) > 10 else ''}"
+                for what, ps in problems.items() if ps]
+    if problems:
+        raise DataError(f"pairing {images_dir} with {labels_dir or images_dir}: " + "; ".join(problems)
+                        + f". Name labels X{LABEL_SUFFIX}.<ext> beside X.<ext>, or X.<ext> in the label folder")
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {images_dir}")
+    return [(image, ls[0]) for image, ls in found]
 
 
 # ------------------------------------------------------------------------------------------ labelme -> COCO
@@ -237,20 +210,16 @@ def _shape_polygon(shape: dict, where: str) -> list[float] | None:
     return np.round(pts, 3).ravel().tolist()
 
 
-def _read_labelme(json_paths) -> list[tuple[Path, dict]]:
+def _read_labelme(json_paths) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """-> ([(json path, document)], sorted labels of the shapes that become instances)."""
     docs = []
     for p in map(Path, json_paths):
         try:
             docs.append((p, json.loads(p.read_text())))
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{p}: cannot read labelme json ({e})") from None
-    return docs
-
-
-def _region_labels(docs) -> list[str]:
-    """Sorted labels of the shapes that become instances (polygon, rectangle, circle)."""
-    return sorted({str(s.get("label")) for _, d in docs for s in d.get("shapes", [])
-                   if (s.get("shape_type") or "polygon") in REGION_SHAPES})
+    return docs, sorted({str(s.get("label")) for _, d in docs for s in d.get("shapes", [])
+                         if (s.get("shape_type") or "polygon") in REGION_SHAPES})
 
 
 def _labelme_image(doc: dict, json_path: Path) -> tuple[str, Path | np.ndarray]:
@@ -269,29 +238,24 @@ def _labelme_image(doc: dict, json_path: Path) -> tuple[str, Path | np.ndarray]:
                     "the json or save the json with image data")
 
 
-def labelme_to_coco(json_paths: Sequence[str | os.PathLike], categories: Mapping[str, int] | Sequence[dict]
-                    | None = None) -> tuple[dict, dict[str, Path | np.ndarray]]:
-    """labelme json files -> (COCO dict, {file_name: image source}) for write_coco_dataset.
+def labelme_to_coco(json_paths: Sequence[str | os.PathLike], categories: Mapping[str, int] | None = None
+                    ) -> tuple[dict, dict[str, Path | np.ndarray]]:
+    """labelme json files -> (COCO dict, {file_name: image source}) ready for write_coco_dataset.
 
     Shapes of type polygon, rectangle (2 corners) and circle (centre + rim point) become polygons; other types
     (point, line, linestrip, mask) are skipped with one counted warning. Shapes of one image sharing (label,
     group_id) form one instance (several polygons); a shape without group_id is its own instance, as in
-    labelme's own labelme2coco. Points are copied as they are (labelme2coco does the same).
-    ``categories``: {label: id} or COCO category dicts; a label outside it is an error listing the labels.
-    None: ids 1..K for the sorted labels. Image ids are 1..N in json order; an image source is a Path (copied)
-    or a decoded array of embedded imageData (written as PNG). ``bbox`` and ``area`` are those of the
-    pycocotools rasterisation; instances covering no pixel are dropped with a counted warning.
-    Raises DataError for an image size that differs from imageHeight/imageWidth, a missing image, malformed
+    labelme's own labelme2coco, and like it the points are copied unchanged.
+    ``categories``: {label: category id}; labels outside it are an error listing them. None: ids 1..K for the
+    sorted labels. Image ids are 1..N in json order; a source is the image file (Path, copied) or the embedded
+    imageData decoded to an array (written as PNG). ``bbox`` and ``area`` come from the pycocotools
+    rasterisation; instances covering no pixel are dropped with a counted warning.
+    Raises DataError for an image size differing from imageHeight/imageWidth, a missing image, malformed
     shapes, unknown labels or two images with the same file name.
     """
-    docs = _read_labelme(json_paths)
-    labels = _region_labels(docs)
-    if categories is None:
-        name_to_id = {name: i for i, name in enumerate(labels, start=1)}
-    elif isinstance(categories, Mapping):
-        name_to_id = {str(k): int(v) for k, v in categories.items()}
-    else:
-        name_to_id = {str(c["name"]): int(c["id"]) for c in categories}
+    docs, labels = _read_labelme(json_paths)
+    name_to_id = ({str(k): int(v) for k, v in categories.items()} if categories is not None
+                  else {name: i for i, name in enumerate(labels, start=1)})
     unknown = [name for name in labels if name not in name_to_id]
     if unknown:
         raise DataError(f"labels {unknown} are not among the categories {sorted(name_to_id)}; add them to "
@@ -301,24 +265,22 @@ def labelme_to_coco(json_paths: Sequence[str | os.PathLike], categories: Mapping
         name, source = _labelme_image(doc, json_path)
         if name in sources:
             raise DataError(f"{json_path}: image file name {name!r} is used by two labelme files; rename one")
-        size = read_image_size(source) if isinstance(source, Path) else source.shape[:2]
-        declared = (doc.get("imageHeight"), doc.get("imageWidth"))
-        if declared != tuple(size):
-            raise DataError(f"{json_path}: the image is {size[0]}x{size[1]} (HxW) but the json says "
-                            f"imageHeight={declared[0]}, imageWidth={declared[1]}; fix the json or the image")
+        h, w = read_image_size(source) if isinstance(source, Path) else source.shape[:2]
+        if (doc.get("imageHeight"), doc.get("imageWidth")) != (h, w):
+            raise DataError(f"{json_path}: the image is {h}x{w} (HxW) but the json says imageHeight="
+                            f"{doc.get('imageHeight')}, imageWidth={doc.get('imageWidth')}; fix one of them")
         sources[name] = source
-        images.append({"id": image_id, "file_name": name, "height": int(size[0]), "width": int(size[1])})
+        images.append({"id": image_id, "file_name": name, "height": int(h), "width": int(w)})
         instances: dict = {}
         for i, shape in enumerate(doc.get("shapes", [])):
             poly = _shape_polygon(shape, f"{json_path}: shape {i} ({shape.get('label')!r})")
             if poly is None:
                 skipped.append(f"{json_path.name}:{i}")
                 continue
-            group = shape.get("group_id")
-            key = (str(shape["label"]), group) if group is not None else (str(shape["label"]), None, i)
-            instances.setdefault(key, []).append(poly)
+            label, group = str(shape.get("label")), shape.get("group_id")
+            instances.setdefault((label, group) if group is not None else (label, None, i), []).append(poly)
         for key, polys in instances.items():
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, int(size[0]), int(size[1])))
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, int(h), int(w)))
             if int(mask_utils.area(rle)) == 0:
                 empty.append(f"{json_path.name}:{key[0]}")
                 continue
@@ -338,11 +300,11 @@ def labelme_to_coco(json_paths: Sequence[str | os.PathLike], categories: Mapping
 
 # ----------------------------------------------------------------------------------------- data set folders
 def split_items(items: Sequence, ratios: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict[str, list]:
-    """Deterministic shuffle-and-cut of ``items`` into train/val/test by ``ratios`` (normalised to sum 1).
+    """Deterministic shuffle-and-cut of ``items`` into {"train", "val", "test"} by ``ratios`` (normalised).
 
-    Counts are the largest-remainder rounding of n * ratio; every split with a positive ratio gets >= 1 item
-    when there are enough items (taken from the largest). Splits with ratio 0 are left out. Order within a
-    split follows ``items``.
+    Counts are the largest-remainder rounding of n * ratio; each split with a positive ratio gets >= 1 item
+    while the largest split can spare one. Splits with ratio 0 are left out; order within a split follows
+    ``items``.
     """
     ratios = np.asarray(ratios, np.float64)
     if ratios.shape != (3,) or (ratios < 0).any() or ratios.sum() <= 0:
@@ -354,42 +316,32 @@ def split_items(items: Sequence, ratios: Sequence[float] = (0.6, 0.2, 0.2), seed
     for i in np.flatnonzero((ratios > 0) & (counts == 0)):
         largest = int(np.argmax(counts))
         if counts[largest] > 1:
-            counts[largest] -= 1
-            counts[i] = 1
-    order = np.random.default_rng(seed).permutation(n)
-    cuts = np.cumsum(counts)[:-1]
-    return {s: [items[j] for j in sorted(part)] for s, part, r in zip(SPLITS, np.split(order, cuts), ratios)
-            if r > 0}
+            counts[largest], counts[i] = counts[largest] - 1, 1
+    parts = np.split(np.random.default_rng(seed).permutation(n), np.cumsum(counts)[:-1])
+    return {s: [items[j] for j in sorted(part)] for s, part, r in zip(SPLITS, parts, ratios) if r > 0}
 
 
 def _write_image(path: Path, source, height: int, width: int) -> None:
-    if isinstance(source, np.ndarray):
-        if source.dtype not in (np.uint8, np.uint16) or source.shape[:2] != (height, width):
-            raise DataError(f"{path.name}: array {source.dtype} {source.shape} must be uint8/uint16 with "
-                            f"height x width {height}x{width} as in the json")
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-            tifffile.imwrite(path, source)
-        else:
-            from PIL import Image
-            Image.fromarray(source).save(path)
-    else:
+    if not isinstance(source, np.ndarray):
         shutil.copyfile(source, path)
+        return
+    if source.dtype not in (np.uint8, np.uint16) or source.shape[:2] != (height, width):
+        raise DataError(f"{path.name}: array {source.dtype} {source.shape} must be uint8/uint16 with "
+                        f"height x width {height}x{width} as in the json")
+    from PIL import Image
+    Image.fromarray(source).save(path)  # format from the suffix: PNG, TIFF, ...
 
 
 def write_coco_dataset(out_dir: str | os.PathLike, splits: Mapping[str, tuple[dict, object]], *,
                        overwrite: bool = False) -> dict[str, Path]:
     """Write ``out_dir/{split}.json`` + ``out_dir/{split}/`` for each split, atomically.
 
-    Args:
-        splits: {split name: (COCO dict, images)}; images is a sequence of image file paths (matched to the
-            json's ``file_name`` by name) or a {file_name: Path | ndarray uint8/uint16 [H, W] or [H, W, C]}
-            mapping (arrays are written as PNG, or TIFF when the name says so).
-        overwrite: replace an existing ``out_dir``; otherwise an existing non-empty folder is an error.
-    Returns:
-        {"<split>_json": Path, "<split>_images": Path} for each split.
-    The set is built in a temporary folder beside ``out_dir``, checked with load_coco (errors raise), and
-    renamed into place: a failure leaves neither a half data set nor the temporary folder.
+    splits: {split name: (COCO dict, images)}; images are image file paths (matched to ``file_name`` by name)
+    or {file_name: Path | ndarray uint8 [H, W] / [H, W, C] or uint16 [H, W]} (arrays saved in the format the
+    suffix names). overwrite: replace an existing ``out_dir``, else an existing non-empty folder is an error.
+    Returns {"<split>_json": Path, "<split>_images": Path} per split. The set is built in a temporary folder
+    beside ``out_dir``, checked with load_coco (errors raise) and renamed into place: a failure leaves neither
+    a half data set nor the temporary folder.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -428,84 +380,69 @@ def write_coco_dataset(out_dir: str | os.PathLike, splits: Mapping[str, tuple[di
 
 
 def describe_dataset(out_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """{split: (number of images, number of annotations)} of the ``*.json`` files in a data set folder."""
-    counts = {}
-    for path in sorted(Path(out_dir).glob("*.json")):
-        coco = json.loads(path.read_text())
-        counts[path.stem] = (len(coco.get("images", [])), len(coco.get("annotations", [])))
-    return counts
+    """{split: (number of images, number of annotations)} for the ``*.json`` files of a data set folder."""
+    docs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.json"))}
+    return {split: (len(d.get("images", [])), len(d.get("annotations", []))) for split, d in docs.items()}
 
 
-def convert_label_folder(images_dir, out_dir, *, labels_dir=None, split_ratios=(0.6, 0.2, 0.2), seed: int = 0,
-                         category_name: str = "cell", overwrite: bool = False, **options) -> dict[str, Path]:
-    """pair_label_files -> split_items -> labels_to_coco per split -> write_coco_dataset; returns its paths."""
-    parts = split_items(pair_label_files(images_dir, labels_dir), split_ratios, seed)
-    return write_coco_dataset(out_dir, {s: (labels_to_coco(pairs, category_name=category_name, **options),
-                                            [image for image, _ in pairs]) for s, pairs in parts.items()},
-                              overwrite=overwrite)
-
-
-def convert_labelme_folder(json_dir, out_dir, *, split_ratios=(0.6, 0.2, 0.2), seed: int = 0,
-                           overwrite: bool = False) -> dict[str, Path]:
-    """All ``*.json`` in ``json_dir`` -> a data set folder. Categories come from all files together (sorted
-    labels -> ids 1..K), so every split shares one category list."""
-    paths = sorted(Path(json_dir).glob("*.json"))
-    if not paths:
-        raise DataError(f"no labelme *.json files in {json_dir}")
-    categories = {name: i for i, name in enumerate(_region_labels(_read_labelme(paths)), start=1)}
-    parts = split_items(paths, split_ratios, seed)
-    return write_coco_dataset(out_dir, {s: labelme_to_coco(ps, categories) for s, ps in parts.items()},
-                              overwrite=overwrite)
+def convert_folder(source, out_dir, *, kind: str = "labels", labels_dir=None, split_ratios=(0.6, 0.2, 0.2),
+                   seed: int = 0, category_name: str = "cell", overwrite: bool = False) -> dict[str, Path]:
+    """A folder of images + label images (kind "labels", see pair_label_files) or of labelme ``*.json``
+    (kind "labelme") -> a data set folder split by split_items; returns write_coco_dataset's paths. labelme
+    category ids 1..K go to the sorted labels of all files, so every split shares one category list."""
+    if kind == "labels":
+        parts = split_items(pair_label_files(source, labels_dir), split_ratios, seed)
+        splits = {s: (labels_to_coco(pairs, category_name=category_name), [image for image, _ in pairs])
+                  for s, pairs in parts.items()}
+    else:
+        paths = sorted(Path(source).glob("*.json"))
+        if not paths:
+            raise DataError(f"no labelme *.json files in {source}")
+        categories = {name: i for i, name in enumerate(_read_labelme(paths)[1], start=1)}
+        splits = {s: labelme_to_coco(ps, categories) for s, ps in split_items(paths, split_ratios, seed).items()}
+    return write_coco_dataset(out_dir, splits, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------- DSB2018 sample
-def stardist_sample_paths() -> tuple[Path, Path]:
-    """(img2d.tif, mask2d.tif) inside the installed stardist wheel, found without importing stardist (its
-    import needs tensorflow). Raises DataError with the pip command when stardist is missing."""
-    spec = importlib.util.find_spec("stardist")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the DSB2018 sample ships with the stardist wheel, which is not installed; run: "
-                        f"{STARDIST_PIP}")
-    root = Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
-    paths = (root / "img2d.tif", root / "mask2d.tif")
-    if not all(p.is_file() for p in paths):
-        raise DataError(f"{paths[0]} / {paths[1]} not found in the installed stardist; run: {STARDIST_PIP}")
-    return paths
-
-
 def convert_dsb2018_sample(out_dir: str | os.PathLike = "data/dsb2018", *, tile: int = 128, seed: int = 0,
                            min_pixels: int = 5, overwrite: bool = False) -> dict[str, Path]:
-    """The stardist wheel's 512x512 DSB2018 fluorescence crop (125 hand-annotated nuclei, CC0) -> a COCO folder.
+    """stardist's 512x512 DSB2018 fluorescence crop (125 hand-annotated nuclei, CC0) -> a COCO data set folder.
 
-    The image is cut into non-overlapping ``tile`` x ``tile`` tiles (row-major, file ``r{row}c{col}.png``),
-    shuffled with ``seed`` and split 62.5/18.75/18.75 % (16 tiles of 128: 10 train / 3 val / 3 test).
-    Nuclei cut by a tile border keep their visible part; visible parts of cut nuclei with fewer than
-    ``min_pixels`` pixels are dropped (one counted warning). The crop is a uint16 TIFF holding values 0..235,
-    so tiles are saved as 8-bit PNG losslessly (uint16 PNG if a value exceeds 255), like the Kaggle PNGs.
-    One category {"id": 1, "name": "nucleus"}; polygons as in label_image_to_annotations.
+    The crop is cut into non-overlapping ``tile`` x ``tile`` tiles (file ``r{row}c{col}.png``), shuffled with
+    ``seed`` and split 10 : 3 : 3 (16 tiles of 128 px: 10 train, 3 val, 3 test). Nuclei cut by a tile border
+    keep their visible part; visible parts of cut nuclei under ``min_pixels`` pixels are dropped (one counted
+    warning). The crop is a uint16 TIFF holding values 0..235, so tiles are saved losslessly as 8-bit PNG
+    (16-bit PNG if a value exceeds 255), like the Kaggle PNGs. One category {"id": 1, "name": "nucleus"};
+    segmentations as in label_image_to_annotations. A missing stardist is a DataError with the pip command.
     Returns write_coco_dataset's paths.
     """
     import tifffile
-    image_path, mask_path = stardist_sample_paths()
+    spec = importlib.util.find_spec("stardist")  # not imported: stardist's import needs tensorflow
+    root = Path(list(spec.submodule_search_locations)[0]) / "data" / "images" if spec else Path("/nonexistent")
+    image_path, mask_path = root / "img2d.tif", root / "mask2d.tif"
+    if not (image_path.is_file() and mask_path.is_file()):
+        raise DataError(f"the DSB2018 sample ships with the stardist wheel, which is not installed (or lacks "
+                        f"data/images/img2d.tif and mask2d.tif); run: {STARDIST_PIP}")
     image, label = tifffile.imread(image_path), tifffile.imread(mask_path).astype(np.int64)
     height, width = label.shape
     if tile < 16 or height % tile or width % tile:
         raise ValueError(f"tile must be >= 16 and divide the {height}x{width} crop (e.g. 64, 128, 256), got {tile}")
     image = image.astype(np.uint8 if image.max() <= 255 else np.uint16)
     full_area = np.bincount(label.ravel())
-    tiles, dropped, total = [], 0, 0
+    tiles, dropped, cut_total = [], 0, 0
     for r in range(height // tile):
         for c in range(width // tile):
-            lab = label[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile].copy()
+            window = np.s_[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+            lab = label[window].copy()
             ids, counts = np.unique(lab, return_counts=True)
             cut = (ids > 0) & (counts < full_area[ids])
             small = ids[cut & (counts < min_pixels)]
             lab[np.isin(lab, small)] = 0
-            dropped, total = dropped + len(small), total + int(cut.sum())
-            tiles.append((f"r{r}c{c}.png", image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile], lab))
+            dropped, cut_total = dropped + len(small), cut_total + int(cut.sum())
+            tiles.append((f"r{r}c{c}.png", image[window], lab))
     if dropped:
-        warnings.warn(f"DSB2018 sample: {dropped} of {total} nucleus parts cut by tile borders were smaller than "
-                      f"{min_pixels} px and dropped", stacklevel=2)
+        warnings.warn(f"DSB2018 sample: {dropped} of {cut_total} nucleus parts cut by tile borders were smaller "
+                      f"than {min_pixels} px and dropped", stacklevel=2)
     about = f"DSB2018 crop shipped with stardist 0.9.2 (CC0), {tile} px tiles, seed {seed}"
     return write_coco_dataset(out_dir, {
         split: (_labels_coco([(name, lab) for name, _, lab in part], {"id": 1, "name": "nucleus"}, about),

@@ -17,6 +17,7 @@ With `deterministic: true` on CPU, a resumed run therefore ends with bitwise the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -90,7 +91,7 @@ def check_batch_size(ims_per_batch: int, world_size: int) -> int:
 
 
 def check_solver(s) -> None:
-    """Reject solver values that would crash mid-run (a zero period, steps outside the run) up front."""
+    """Reject solver values that would crash or mislead mid-run (zero periods, unsorted steps) up front."""
     for key in ("max_iter", "log_period", "checkpoint_period"):
         if int(s[key]) < 1:
             raise ConfigError(f"solver.{key} must be >= 1, got {s[key]}")
@@ -167,8 +168,8 @@ def build_lr_scheduler(cfg, optimizer) -> WarmupMultiStepLR:
 # ----------------------------------------------------------------------------------------------- data
 
 def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence hashing)."""
-    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    """A well-mixed 63-bit seed from a tuple of ints (numpy's SeedSequence hashing)."""
+    words = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 
 
@@ -264,19 +265,16 @@ def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.dev
 # ----------------------------------------------------------------------------------------------- logging
 
 def _json_safe(value: Any) -> Any:
-    """Make metrics JSON-clean: tensors/numpy -> Python, NaN/inf -> strings (strict JSON has neither)."""
+    """Metrics -> strict JSON values: tensors to numbers, NaN/inf to strings, unknown objects to str."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if torch.is_tensor(value) or isinstance(value, np.generic):
-        value = value.item() if getattr(value, "ndim", 0) == 0 else value.tolist()
-        return _json_safe(value)
+        return _json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 class MetricsLog:
@@ -404,22 +402,25 @@ def train(cfg, resume: bool = False, *, model: nn.Module | None = None, dataset:
     configure_determinism(bool(cfg.deterministic), device)
     seed_process(int(cfg.seed) + info.rank)
     output_dir = Path(cfg.output_dir)
-    main = dist.is_main_process()
-    log_handler = _open_log_file(output_dir) if main else None
-    try:
+    with _log_file(output_dir, enabled=dist.is_main_process()):
         return _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, device, output_dir)
-    finally:
-        if log_handler is not None:
-            logging.getLogger("gains").removeHandler(log_handler)
-            log_handler.close()
 
 
-def _open_log_file(output_dir: Path) -> logging.Handler:
+@contextlib.contextmanager
+def _log_file(output_dir: Path, enabled: bool):
+    """Copy the `gains` log lines of this run into output_dir/log.txt (rank 0)."""
+    if not enabled:
+        yield
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(output_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     logging.getLogger("gains").addHandler(handler)
-    return handler
+    try:
+        yield
+    finally:
+        logging.getLogger("gains").removeHandler(handler)
+        handler.close()
 
 
 def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, device, output_dir) -> TrainResult:
@@ -487,9 +488,9 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
 
     logger.info("training %d -> %d iterations, %d image(s) per step on %d process(es), device %s",
                 start_iter, max_iter, int(s.ims_per_batch), info.world_size, device)
-    progress = _Progress(start_iter, max_iter, enabled=main and sys.stderr.isatty())
+    progress_ctx, progress = _progress_bar(start_iter, max_iter, enabled=main and sys.stderr.isatty())
     meter = WindowMeter()
-    try:
+    with progress_ctx:
         data_iter = iter(loader)
         for it in range(start_iter, max_iter):
             # ---- one step: load, forward, reduce for logging, check, backward, update
@@ -514,8 +515,8 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
             done = it + 1
 
             # ---- bookkeeping: log, checkpoint, evaluate
-            meter.update({**logged, "total_loss": sum(logged.values()), "time": time.perf_counter() - t_start,
-                          "data_time": t_data})
+            t_iter = time.perf_counter() - t_start
+            meter.update({**logged, "total_loss": sum(logged.values()), "time": t_iter, "data_time": t_data})
             progress.update(1)
             if done % int(s.log_period) == 0 or done == max_iter:
                 means = meter.pop_means()
@@ -531,8 +532,6 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
                 results = run_evaluation(model, cfg, "val", output_dir / f"eval_{done:07d}")
                 if results is not None:
                     metrics.write({"iter": done, "split": "val", "eval": results})
-    finally:
-        progress.close()
 
     final = _save("model_final.pth", output_dir, model, optimizer, scheduler, scaler, max_iter, cfg,
                   category_map)
@@ -557,38 +556,23 @@ def _stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: Metric
         f"solver.base_lr or enabling solver.clip_grad_norm)")
 
 
-class _Progress:
-    """tqdm bar (rate and ETA) on an interactive rank-0 terminal; a no-op elsewhere, where the log lines
-    carry the same numbers. While the bar is shown, console log lines go through tqdm.write so they do
-    not tear it."""
-
-    def __init__(self, start: int, total: int, enabled: bool):
-        self.bar = self._redirect = None
-        if enabled:
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
-            self._redirect = logging_redirect_tqdm()
-            self._redirect.__enter__()
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def set_postfix_str(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self._redirect.__exit__(None, None, None)
-            self.bar.close()
-            self.bar = None
+def _progress_bar(start: int, total: int, enabled: bool):
+    """tqdm bar (rate and ETA) on an interactive rank-0 terminal, else a disabled (silent) one; while it
+    is shown, console log lines go through tqdm.write so they do not tear it."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc="train", disable=not enabled)
+    stack = contextlib.ExitStack()
+    stack.enter_context(bar)
+    if enabled:
+        stack.enter_context(logging_redirect_tqdm())
+    return stack, bar
 
 
 def _log_line(record: dict, max_iter: int, progress) -> None:
     losses = "  ".join(f"{k}: {v:.4f}" for k, v in record.items() if k.startswith("loss") or k == "total_loss")
+    eta = _format_eta(record["eta_seconds"])
     line = (f"iter {record['iter']}/{max_iter}  {losses}  lr: {record['lr']:.6g}  "
-            f"s/it: {record['time']:.3f}  data: {record['data_time']:.3f}  eta: {_format_eta(record['eta_seconds'])}")
-    progress.set_postfix_str(f"loss {record['total_loss']:.3f} lr {record['lr']:.2g}")
+            f"s/it: {record['time']:.3f}  data: {record['data_time']:.3f}  eta: {eta}")
+    progress.set_postfix_str(f"loss {record['total_loss']:.3f} lr {record['lr']:.2g}", refresh=False)
     logger.info(line)

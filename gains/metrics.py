@@ -17,6 +17,7 @@ from .aji import (AJI_MODES, aji, aji_from_overlaps, aji_gains_image, aji_image,
 from .coco_ap import (AREA_NAMES, AREA_RANGES, IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES,  # noqa: F401
                       ImageInstances, box_iou_xywh, category_overlaps, evaluate_images, evaluate_instances,
                       mask_iou, normalize_images, pairwise_intersections, summarize)
+from .mask_runs import MaskRuns, empty_runs, runs_from_dense, runs_from_rles  # noqa: F401
 
 
 def instance_metrics(gt_per_image, det_per_image, category_ids, aji_mode: str = "clean",
@@ -54,18 +55,18 @@ def _rles(segm, h: int, w: int, where: str) -> list:
                      "with 'size' and 'counts'")
 
 
-def _decode(segms: list, h: int, w: int, where: list[str]) -> np.ndarray:
-    """Segmentations of one image -> uint8 [N, h*w] (column-major pixel order, the same for every call)."""
+def _mask_runs(segms: list, h: int, w: int, where: list[str]) -> MaskRuns:
+    """Segmentations of one image -> MaskRuns; multi-part polygons are merged by decoding them."""
     from pycocotools import mask as mask_utils
 
-    if not segms:
-        return np.zeros((0, h * w), dtype=np.uint8)
-    parts = [_rles(s, h, w, wh) for s, wh in zip(segms, where)]
-    flat = mask_utils.decode([r for p in parts for r in p]).reshape(h * w, -1, order="F").T
-    if len(flat) == len(parts):
-        return flat
-    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
-    return np.logical_or.reduceat(flat, starts, axis=0).astype(np.uint8)  # polygon parts -> union
+    rles = []
+    for segm, wh in zip(segms, where):
+        parts = _rles(segm, h, w, wh)
+        if len(parts) > 1:  # the union of polygon parts, re-encoded as one RLE
+            union = mask_utils.decode(parts).any(axis=2)
+            parts = [mask_utils.encode(np.asfortranarray(union.astype(np.uint8)))]
+        rles.extend(parts)
+    return runs_from_rles(rles, h, w)
 
 
 def _check_ids(gt: dict):
@@ -123,14 +124,14 @@ def _coco_images(gt: dict, results: list, iou_type: str):
         ga, dr = anns[i], dets[i]
         gm = dm = gb = db = None
         if iou_type == "segm":
-            gm = _decode([a["segmentation"] for a in ga], h, w, [f"annotation {a['id']}" for a in ga])
-            dm = _decode([r["segmentation"] for r in dr], h, w, [f"result for image {i}"] * len(dr))
+            gm = _mask_runs([a["segmentation"] for a in ga], h, w, [f"annotation {a['id']}" for a in ga])
+            dm = _mask_runs([r["segmentation"] for r in dr], h, w, [f"result for image {i}"] * len(dr))
         else:
             gb = np.array([a["bbox"] for a in ga], dtype=np.float64).reshape(-1, 4)
             db = np.array([r["bbox"] for r in dr], dtype=np.float64).reshape(-1, 4)
         areas = [a.get("area") for a in ga]
         if any(x is None for x in areas):  # pycocotools needs the field; we fall back to the mask or box
-            fallback = gm.sum(1, dtype=np.int64) if gm is not None else gb[:, 2] * gb[:, 3]
+            fallback = gm.areas() if gm is not None else gb[:, 2] * gb[:, 3]
             areas = [fallback[n] if x is None else x for n, x in enumerate(areas)]
         out.append(ImageInstances(
             i, np.array([a["category_id"] for a in ga], dtype=np.int64).reshape(-1),

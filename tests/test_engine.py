@@ -281,6 +281,29 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_noop(tmp_p
     assert (tmp_path / "model_final.pth").read_bytes() == before
 
 
+def test_resume_with_loader_workers_matches_a_run_without_workers(tmp_path):
+    """Augmentation is seeded per sample, so neither worker processes nor a resume change the run."""
+    run(tiny_cfg(tmp_path / "main_process"))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(tmp_path / "workers", "data.num_workers=2"), crash_at=5)
+    run(tiny_cfg(tmp_path / "workers", "data.num_workers=2"), resume=True)
+    a = read_checkpoint(tmp_path / "main_process" / "model_final.pth")["model"]
+    b = read_checkpoint(tmp_path / "workers" / "model_final.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_clipping_bounds_the_first_update(tmp_path):
+    clip, lr = 1e-4, 0.1
+    cfg = tiny_cfg(tmp_path, "solver.max_iter=1", "solver.warmup_iters=0", f"solver.clip_grad_norm={clip}",
+                   "solver.weight_decay=0", "solver.weight_decay_norm=0", f"solver.base_lr={lr}")
+    torch.manual_seed(0)
+    before = TinyDetector().state_dict()
+    run(cfg)
+    after = read_checkpoint(tmp_path / "model_final.pth")["model"]
+    step = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert 0 < step <= lr * clip * 1.001  # first SGD step = lr x clipped gradient (norm exactly `clip`)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, "solver.checkpoint_period=2")
     with pytest.raises(FloatingPointError, match=r"iteration 5: loss_a .*loss_a=nan") as info:

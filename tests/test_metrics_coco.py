@@ -300,3 +300,55 @@ def test_iou_tie_between_gts_goes_to_the_later_gt():
     stats, per_category = pycocotools_eval(gt, results, "segm")
     _assert_close(out, stats, per_category)
     assert out["stats"][1] < 1.0  # AP50: the tie went to B, so det2 is a false positive
+
+
+# ----------------------------------------------------------------------------------------- mask runs
+def _random_dense(rng, n, h, w):
+    """Masks with blobs, full lines (runs that cross line ends), noise and empties: bool [n, h, w]."""
+    masks = np.zeros((n, h, w), dtype=bool)
+    for i in range(n):
+        kind = rng.integers(5)
+        if kind == 0:
+            masks[i] = rng.random((h, w)) < 0.3
+        elif kind == 1:
+            masks[i, rng.integers(h): rng.integers(h) + 3] = True  # whole rows
+            masks[i, :, rng.integers(w)] = True  # a whole column
+        elif kind in (2, 3):
+            masks[i] = _random_mask(rng, h, w).astype(bool)
+    return masks
+
+
+@pytest.mark.parametrize("h,w", [(7, 9), (32, 32), (64, 33), (150, 200)])
+def test_mask_runs_intersections_are_exact(h, w):
+    """Runs from dense arrays (row-major) and from RLE (column-major) against a dense matrix product."""
+    from gains.mask_runs import runs_from_dense, runs_from_rles
+    from gains.metrics import pairwise_intersections
+
+    rng = np.random.default_rng(h * w)
+    a, b = _random_dense(rng, 12, h, w), _random_dense(rng, 9, h, w)
+    expected = pairwise_intersections(a.reshape(12, -1), b.reshape(9, -1))
+    dense_a, dense_b = runs_from_dense(a.reshape(12, -1), w), runs_from_dense(b.reshape(9, -1), w)
+    assert np.array_equal(dense_a.intersections(dense_b), expected)
+    assert np.array_equal(dense_a.areas(), a.reshape(12, -1).sum(1))
+    rles_a = [_rle(m) for m in a]
+    rles_b = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in b]  # compressed bytes ...
+    rles_b[::2] = [{"size": [h, w], "counts": _uncompressed(m)} for m in b[::2]]  # ... and lists mixed in
+    rle_a, rle_b = runs_from_rles(rles_a, h, w), runs_from_rles(rles_b, h, w)
+    assert np.array_equal(rle_a.intersections(rle_b), expected)
+    assert np.array_equal(rle_b.take([3, 0]).areas(), b[[3, 0]].reshape(2, -1).sum(1))
+
+
+def _uncompressed(m):
+    flat = m.reshape(-1, order="F").astype(np.int8)
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])) != 0)
+    return np.diff(np.concatenate([[0], change])).tolist()
+
+
+def test_bad_rle_is_reported():
+    gt, results = _simple()
+    results[0]["segmentation"] = {"size": [32, 32], "counts": [5, 10]}
+    with pytest.raises(ValueError, match="do not add up"):
+        coco_evaluate(gt, results)
+    results[0]["segmentation"] = _rle(np.ones((16, 32), np.uint8))
+    with pytest.raises(ValueError, match="differs from the image size"):
+        coco_evaluate(gt, results)
