@@ -119,6 +119,9 @@ def main():
     t_ref, ref = best_time(run_pycocotools, lambda: (copy.deepcopy(gt), copy.deepcopy(results)), args.repeat)
     t_nat, nat = best_time(coco_evaluate, lambda: (gt, results), args.repeat)
 
+    def masks(rles):  # what a model hands over: C-contiguous bool [N, H, W]
+        return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).astype(bool)
+
     def decoded():
         gts, dets = [], []
         for im in gt["images"]:
@@ -126,9 +129,9 @@ def main():
             res = [r for r in results if r["image_id"] == im["id"]]
             gts.append({"image_id": im["id"], "labels": [a["category_id"] for a in anns],
                         "areas": [a["area"] for a in anns],
-                        "masks": mask_utils.decode([a["segmentation"] for a in anns]).transpose(2, 0, 1)})
+                        "masks": masks([a["segmentation"] for a in anns])})
             dets.append({"labels": [r["category_id"] for r in res], "scores": [r["score"] for r in res],
-                         "masks": mask_utils.decode([r["segmentation"] for r in res]).transpose(2, 0, 1)})
+                         "masks": masks([r["segmentation"] for r in res])})
         return gts, dets, [c["id"] for c in gt["categories"]]
 
     t_mem, mem = best_time(evaluate_instances, decoded, args.repeat)

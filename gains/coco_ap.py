@@ -210,32 +210,33 @@ def _last_argmax(values: np.ndarray) -> np.ndarray:
     return n - 1 - np.argmax(values[..., ::-1], axis=-1)
 
 
-def _match_chunk(pairs: list[_Pair]):
+def _match_chunk(pairs: list[_Pair]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Greedy COCO matching of several pairs at once, vectorised over pairs, area ranges and thresholds.
 
     Detections are visited in score order; at threshold t each takes the best still-free GT with IoU >= t,
     preferring non-ignored GTs (pycocotools sorts ignored GTs last and stops there once it holds a
-    regular one). Crowd GTs stay free. Returns det_matched, det_on_ignored bool [P, A, T, D].
+    regular one); crowd GTs stay free. Detections and GTs without any IoU >= 0.5 can neither match nor
+    block anything, so they are left out of the loop. Returns per pair (matched, on_ignored) bool [A,T,D].
     """
-    P, A, T = len(pairs), len(AREA_RANGES), len(IOU_THRESHOLDS)
-    D = max(len(p.scores) for p in pairs)
-    G = max(max(len(p.crowd) for p in pairs), 1)
+    A, T = len(AREA_RANGES), len(IOU_THRESHOLDS)
+    thr = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[None, None, :, None]
+    can = [p.ious >= thr.min() for p in pairs]
+    keep_d = [np.flatnonzero(c.any(axis=1)) for c in can]
+    keep_g = [np.flatnonzero(c.any(axis=0)) for c in can]
+    P, D, G = len(pairs), max(map(len, keep_d)), max(max(map(len, keep_g)), 1)
     ious = np.full((P, D, G), -1.0)  # padding never reaches a threshold
     ignored = np.ones((P, A, 1, G), dtype=bool)
     crowd = np.zeros((P, 1, 1, G), dtype=bool)
-    for i, p in enumerate(pairs):
-        ious[i, : p.ious.shape[0], : p.ious.shape[1]] = p.ious
-        ignored[i, :, 0, : len(p.crowd)] = p.crowd[None, :] | ~_in_ranges(p.gt_area)
-        crowd[i, 0, 0, : len(p.crowd)] = p.crowd
-    thr = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[None, None, :, None]
+    for i, (p, d, g) in enumerate(zip(pairs, keep_d, keep_g)):
+        ious[i, : len(d), : len(g)] = p.ious[np.ix_(d, g)]
+        ignored[i, :, 0, : len(g)] = (p.crowd[None, :] | ~_in_ranges(p.gt_area))[:, g]
+        crowd[i, 0, 0, : len(g)] = p.crowd[g]
     taken = np.zeros((P, A, T, G), dtype=bool)
     matched = np.zeros((P, A, T, D), dtype=bool)
     on_ignored = np.zeros((P, A, T, D), dtype=bool)
-    p_idx, a_idx, t_idx = np.indices((P, A, T), sparse=False)
+    p_idx, a_idx, t_idx = np.indices((P, A, T))
     for j in range(D):
         row = ious[:, j, :][:, None, None, :]  # [P,1,1,G]
-        if not (row >= thr.min()).any():
-            continue  # this rank matches nothing anywhere
         ok = (row >= thr) & (~taken | crowd)
         regular, extra = ok & ~ignored, ok & ignored
         has_regular, has_extra = regular.any(-1), extra.any(-1)
@@ -245,7 +246,12 @@ def _match_chunk(pairs: list[_Pair]):
         matched[..., j] = hit
         on_ignored[..., j] = hit & ~has_regular
         taken[p_idx[hit], a_idx[hit], t_idx[hit], best[hit]] = True
-    return matched, on_ignored
+    out = []
+    for i, (p, d) in enumerate(zip(pairs, keep_d)):
+        m, o = (np.zeros((A, T, len(p.scores)), dtype=bool) for _ in range(2))
+        m[..., d], o[..., d] = matched[i, ..., : len(d)], on_ignored[i, ..., : len(d)]
+        out.append((m, o))
+    return out
 
 
 def _match_all(pairs: list[_Pair], budget: int = 1 << 22):
@@ -259,17 +265,11 @@ def _match_all(pairs: list[_Pair], budget: int = 1 << 22):
         while stop < len(order):
             p = pairs[order[stop]]
             D2, G2 = max(D, len(p.scores)), max(G, len(p.crowd))
-            if stop > start and (stop - start + 1) * D2 * G2 * len(IOU_THRESHOLDS) * 4 > budget:
+            if stop > start and (stop - start + 1) * D2 * G2 * len(IOU_THRESHOLDS) * len(AREA_RANGES) > budget:
                 break
             D, G, stop = D2, G2, stop + 1
         chunk = [pairs[i] for i in order[start:stop]]
-        has_both = [i for i, p in enumerate(chunk) if p.ious.size]
-        matched = {i: m for i, m in zip(has_both, zip(*_match_chunk([chunk[i] for i in has_both])))} \
-            if has_both else {}
-        for i, p in enumerate(chunk):
-            d = len(p.scores)
-            dm, dig = (matched[i][0][:, :, :d], matched[i][1][:, :, :d]) if i in matched else (
-                np.zeros((len(AREA_RANGES), len(IOU_THRESHOLDS), d), bool),) * 2
+        for i, (p, (dm, dig)) in enumerate(zip(chunk, _match_chunk(chunk))):
             # unmatched detections outside the area range do not count as false positives
             dig = dig | (~dm & ~_in_ranges(p.det_area)[:, None, :])
             results[order[start + i]] = (dm, dig, p.crowd[None, :] | ~_in_ranges(p.gt_area))

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import contourpy
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
@@ -48,8 +49,7 @@ def _ring_polygons(crop: np.ndarray) -> tuple[list[np.ndarray], int]:
                                       line_type=contourpy.LineType.Separate)
     rings, holes = [], 0
     for line in gen.lines(0.5):
-        ring = line[:-1]  # closed lines repeat their first point
-        nxt = np.roll(ring, -1, 0)
+        ring, nxt = line[:-1], np.roll(line[:-1], -1, 0)  # closed lines repeat their first point
         if np.sum(ring[:, 0] * nxt[:, 1] - nxt[:, 0] * ring[:, 1]) < 0:
             holes += 1
             continue
@@ -143,7 +143,6 @@ def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
     name). ``options`` go to label_image_to_annotations (segmentation, holes, min_polygon_pixels, min_iou);
     its counters land in ``info["conversion"]``. Label images cannot express overlapping instances.
     Raises DataError when an image and its label differ in size or a label image is not integer 2-D."""
-    from PIL import Image
     entries = []
     for image_path, label_path in pairs:
         image_path, label_path = Path(image_path), Path(label_path)
@@ -230,7 +229,6 @@ def _labelme_image(doc: dict, json_path: Path) -> tuple[str, Path | np.ndarray]:
     if image_path and path.is_file():
         return path.name, path
     if doc.get("imageData"):
-        from PIL import Image
         with Image.open(io.BytesIO(base64.b64decode(doc["imageData"]))) as im:
             array = np.array(im.convert("RGB") if im.mode == "P" else im)
         return (Path(image_path).stem or json_path.stem) + ".png", array
@@ -328,7 +326,6 @@ def _write_image(path: Path, source, height: int, width: int) -> None:
     if source.dtype not in (np.uint8, np.uint16) or source.shape[:2] != (height, width):
         raise DataError(f"{path.name}: array {source.dtype} {source.shape} must be uint8/uint16 with "
                         f"height x width {height}x{width} as in the json")
-    from PIL import Image
     Image.fromarray(source).save(path)  # format from the suffix: PNG, TIFF, ...
 
 
@@ -390,6 +387,8 @@ def convert_folder(source, out_dir, *, kind: str = "labels", labels_dir=None, sp
     """A folder of images + label images (kind "labels", see pair_label_files) or of labelme ``*.json``
     (kind "labelme") -> a data set folder split by split_items; returns write_coco_dataset's paths. labelme
     category ids 1..K go to the sorted labels of all files, so every split shares one category list."""
+    if kind not in ("labels", "labelme"):
+        raise ValueError(f"kind must be 'labels' or 'labelme', got {kind!r}")
     if kind == "labels":
         parts = split_items(pair_label_files(source, labels_dir), split_ratios, seed)
         splits = {s: (labels_to_coco(pairs, category_name=category_name), [image for image, _ in pairs])

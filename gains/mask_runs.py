@@ -106,15 +106,18 @@ def runs_from_dense(masks: np.ndarray, line: int) -> MaskRuns:
         return empty_runs(line, size)
     words = size // 64 + 1  # at least one zero bit after the last pixel closes a final run
     packed = np.zeros((n, words * 8), dtype=np.uint8)
-    packed[:, : (size + 7) // 8] = np.packbits(masks != 0, axis=1, bitorder="little")
+    bits = masks if masks.dtype == np.bool_ else masks != 0  # (`!= 0` on bool would cost a full pass)
+    packed[:, : (size + 7) // 8] = np.packbits(bits, axis=1, bitorder="little")
     x = packed.view("<u8")
     carry = np.zeros_like(x)
     carry[:, 1:] = x[:, :-1] >> np.uint64(63)
     change = x ^ ((x << np.uint64(1)) | carry)
     mask_of_word, word = np.nonzero(change)
-    bits = np.unpackbits(change[mask_of_word, word].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    k, bit = np.nonzero(bits)
-    pos = word[k].astype(np.int64) * 64 + bit
+    changed = change[mask_of_word, word].view(np.uint8).reshape(-1, 8)  # byte j: bits 8j..8j+7
+    k, byte = np.nonzero(changed)  # unpack only the bytes that hold a change
+    kk, bit = np.nonzero(np.unpackbits(changed[k, byte][:, None], axis=1, bitorder="little"))
+    k = k[kk]
+    pos = word[k].astype(np.int64) * 64 + byte[kk] * 8 + bit
     owner = mask_of_word[k]  # changes alternate: run start, run end, start, ...
     ptr = np.concatenate([[0], np.cumsum(np.bincount(owner[::2], minlength=n))]).astype(np.int64)
     return MaskRuns(pos[0::2], pos[1::2], ptr, line, size)

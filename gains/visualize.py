@@ -84,3 +84,20 @@ def save_ga_figure(image: np.ndarray, masks: np.ndarray, ga_maps: np.ndarray, pa
         fig.suptitle(title)
     save_figure_atomic(fig, path)
     plt.close(fig)
+
+
+def save_instance_panels(image: np.ndarray, panels: list, path, title: str = "") -> None:
+    """One row of panels, each the image with a set of instance masks overlaid (e.g. ground truth beside
+    predictions). image float [3,H,W] or [H,W] in [0,1]; panels: [(panel title, bool masks [N,H,W])]."""
+    plt = _pyplot()
+    h, w = np.asarray(image).shape[-2:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5 * h / max(w, 1) + 0.6),
+                             squeeze=False)
+    for ax, (name, masks) in zip(axes[0], panels):
+        ax.imshow(overlay_instances(image, np.asarray(masks, dtype=bool).reshape(-1, h, w)))
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure_atomic(fig, path)
+    plt.close(fig)

@@ -1,0 +1,360 @@
+"""Predictions -> metrics -> metrics.json, a COCO results json and one printed table.
+
+Two entry points:
+- `evaluate_model(model, cfg, split, output_dir)`: run the model over a split (sharded over torchrun ranks,
+  every image exactly once, gathered to rank 0 and de-duplicated by image id) and score it. Called by the
+  training loop's periodic evaluation and by `evaluate.py --ckpt`.
+- `evaluate_results(gt, results)`: score an existing COCO results list against a COCO ground-truth dict
+  (`evaluate.py --gt --pred`), no model involved.
+
+Metrics (METRICS.md), all on per-instance masks at the ORIGINAL image resolution: COCO mask AP (mAP =
+AP@[.5:.95], AP50, AP75; in %), box AP, the GAInS/DoNet `aji` (mode `test.aji_mode`), `aji_kumar` and
+`aji_plus` (fractions in [0,1]; the table prints AJI x100 like the paper), per category and averaged.
+Categories are the json's ids; an average is the mean over categories that have ground truth. For
+ISBI2014-like data (one category named like 'cell', one like 'nucle...') the paper's "Cell/Nuclei average"
+is added: the plain mean of the two category rows. Images are streamed: each image's masks are reduced to
+exact overlap counts at once, so memory does not grow with the number of pixels of the split.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from . import dist
+from .coco import CategoryMap, ImageRecord, segmentation_to_mask
+from .inference import encode_results, predict_dataset, shard_indices, write_json_atomic
+from .metrics import AJI_MODES, STAT_NAMES, aji_from_overlaps, category_overlaps, evaluate_images, normalize_images
+
+MAX_DETS = (1, 10, 100)
+AJI_KINDS = ("aji", "aji_kumar", "aji_plus")
+
+
+class EvaluationError(ValueError):
+    """Invalid evaluation input (results or ground truth); the message names the ids and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- instances
+def gt_instances(record: ImageRecord) -> dict:
+    """Ground truth of one image at its original resolution, in the per-image layout of gains.coco_ap:
+    `image_id`, `labels` int64 [G] json category ids, `masks` uint8 [G,H0,W0] (pycocotools' rasteriser),
+    `boxes_xywh` float64 [G,4] (the annotation's bbox), `iscrowd` bool [G], `areas` float64 [G] (the
+    annotation's 'area' field, used for the COCO area ranges). Crowd annotations are included."""
+    anns, h, w = record.annotations, record.height, record.width
+    masks = (np.stack([segmentation_to_mask(a.segmentation, h, w) for a in anns]) if anns
+             else np.zeros((0, h, w), dtype=np.uint8))
+    return {"image_id": int(record.image_id), "labels": np.array([a.category_id for a in anns], dtype=np.int64),
+            "masks": masks, "boxes_xywh": np.array([a.bbox for a in anns], dtype=np.float64).reshape(-1, 4),
+            "iscrowd": np.array([a.iscrowd for a in anns], dtype=bool),
+            "areas": np.array([a.area for a in anns], dtype=np.float64)}
+
+
+def det_instances(pred: dict, category_map: CategoryMap) -> dict:
+    """Predictions at the original size (`inference.postprocess`) -> the coco_ap detection layout with json
+    category ids: `labels` int64 [N], `scores` float64 [N], `masks` bool [N,H0,W0], `boxes_xywh` [N,4]."""
+    boxes = pred["boxes"].double().numpy().reshape(-1, 4)
+    return {"labels": np.array([category_map.to_json_id(v) for v in pred["labels"].tolist()], dtype=np.int64),
+            "scores": pred["scores"].double().numpy(), "masks": pred["masks"].numpy(),
+            "boxes_xywh": np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)}
+
+
+class MetricAccumulator:
+    """Collects images for the metrics of `gains.metrics.instance_metrics`, keeping per image only the exact
+    mask intersection counts (`category_overlaps`) and not the pixels: a 512x512 image with 100 detections
+    would otherwise hold 26 MB, and a test split hundreds of them. `images` pickles compactly, so the shards
+    of several ranks merge on rank 0 (`merge`); an image id seen twice is kept once (the first)."""
+
+    def __init__(self):
+        self.images: dict[int, tuple] = {}  # image_id -> (ImageInstances without pixels, category overlaps)
+
+    def add(self, gt: dict, det: dict) -> None:
+        """gt/det: one image in the gains.coco_ap layout (masks and boxes_xywh both given)."""
+        im = normalize_images([gt], [det])[0]
+        overlaps = category_overlaps(im, None)  # all detections: AP and AJI cut their own top 100
+        # Everything downstream reads the counts in `overlaps`; zero-width placeholders free the pixels.
+        im.gt_masks = np.zeros((len(im.gt_labels), 0), dtype=np.uint8)
+        im.det_masks = np.zeros((len(im.det_labels), 0), dtype=np.uint8)
+        self.images.setdefault(im.image_id, (im, overlaps))
+
+    def merge(self, images: dict) -> None:
+        for image_id, item in images.items():
+            self.images.setdefault(image_id, item)
+
+    def compute(self, category_ids, aji_mode: str = "clean", with_boxes: bool = True) -> dict:
+        """{"segm": evaluate_images dict, "bbox": same or None, "aji"/"aji_kumar"/"aji_plus": aji dicts}."""
+        if aji_mode not in AJI_MODES:
+            raise EvaluationError(f"test.aji_mode must be one of {AJI_MODES}, got {aji_mode!r}")
+        ids = sorted(self.images)
+        images, overlaps = [self.images[i][0] for i in ids], [self.images[i][1] for i in ids]
+        out = {"segm": evaluate_images(images, category_ids, "segm", MAX_DETS, overlaps),
+               "bbox": evaluate_images(images, category_ids, "bbox", MAX_DETS) if with_boxes else None}
+        for kind in AJI_KINDS:  # METRICS.md: `aji` uses the top 100 per category, Kumar/AJI+ all detections
+            out[kind] = aji_from_overlaps(images, overlaps, category_ids, kind, aji_mode,
+                                          MAX_DETS[-1] if kind == "aji" else None)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def _pct(x) -> float | None:
+    return None if x is None or x < 0 else 100.0 * float(x)
+
+
+def _frac(x) -> float | None:
+    return None if x is None or x < 0 else float(x)
+
+
+def cell_nuclei_pair(names) -> tuple[int, int] | None:
+    """Indices of the (cell, nuclei) categories when the data set is named like ISBI2014's, else None."""
+    low = [str(n).lower() for n in names]
+    cells = [i for i, n in enumerate(low) if "cell" in n and "nucle" not in n]
+    nuclei = [i for i, n in enumerate(low) if "nucle" in n]
+    return (cells[0], nuclei[0]) if len(cells) == 1 and len(nuclei) == 1 else None
+
+
+def summarize(raw: dict, category_ids, names, *, split: str, num_images: int, num_detections: int,
+              score_thresh: float | None, aji_mode: str) -> dict:
+    """The metrics.json dict: AP values in % (None = undefined: no ground truth), AJI values as fractions."""
+    segm, bbox = raw["segm"], raw["bbox"]
+    per_category, undefined = {}, []
+    for c, name in zip(category_ids, names):
+        s = segm["per_category"][c]
+        row = {"category_id": int(c), "mAP": _pct(s["AP"]), "AP50": _pct(s["AP50"]), "AP75": _pct(s["AP75"]),
+               "box_AP": _pct(bbox["per_category"][c]["AP"]) if bbox else None}
+        row.update({k: _frac(raw[k]["per_category"][c]) for k in AJI_KINDS})
+        if row["mAP"] is None:
+            undefined.append(str(name))
+        per_category[str(name) if str(name) not in per_category else f"{name} ({c})"] = row
+    out = {"split": split, "num_images": int(num_images), "num_detections": int(num_detections),
+           "score_thresh": score_thresh, "aji_mode": aji_mode,
+           "mAP": _pct(segm["stats"][0]), "AP50": _pct(segm["stats"][1]), "AP75": _pct(segm["stats"][2]),
+           **{k: _frac(raw[k]["mean"]) for k in AJI_KINDS},
+           "box_AP": _pct(bbox["stats"][0]) if bbox else None,
+           "box_AP50": _pct(bbox["stats"][1]) if bbox else None,
+           "box_AP75": _pct(bbox["stats"][2]) if bbox else None,
+           "segm_stats": {k: _pct(v) for k, v in zip(STAT_NAMES, segm["stats"])},
+           "bbox_stats": {k: _pct(v) for k, v in zip(STAT_NAMES, bbox["stats"])} if bbox else None,
+           "per_category": per_category}
+    pair = cell_nuclei_pair(names)
+    if pair is not None:
+        rows = [list(per_category.values())[i] for i in pair]
+        avg = {k: (rows[0][k] + rows[1][k]) / 2 if None not in (rows[0][k], rows[1][k]) else None
+               for k in ("mAP", "AP50", "AP75", "box_AP", *AJI_KINDS)}
+        out["cell_nuclei_average"] = {"categories": [str(names[i]) for i in pair],
+                                      "definition": "mean of the cell and nuclei category values", **avg}
+    notes = []
+    if num_detections == 0:
+        notes.append("no predictions at all: AP and AJI are 0 for every category with ground truth")
+    if undefined:
+        notes.append(f"no ground truth for {', '.join(undefined)}: its AP is undefined (null) and left out "
+                     "of the averages")
+    out["notes"] = notes
+    return out
+
+
+def format_table(m: dict) -> str:
+    """The one table people read: mAP, AP50, AP75 (%) and AJI (x100) per category and averaged."""
+    def f(v, scale=1.0):
+        return f"{v * scale:7.2f}" if v is not None and math.isfinite(v) else "      -"
+
+    thresh = "all detections" if m["score_thresh"] is None else f"score >= {m['score_thresh']:g}"
+    lines = [f"== {m['split']}: {m['num_images']} images, {m['num_detections']} detections ({thresh}) ==",
+             f"mask AP: COCO AP (%);  AJI: aji mode '{m['aji_mode']}' x100 ({thresh}, top 100 per category)",
+             f"{'category':<22}{'mAP':>7} {'AP50':>7} {'AP75':>7} {'AJI':>7}"]
+    rows = list(m["per_category"].items()) + [("average", m)]
+    if "cell_nuclei_average" in m:
+        rows.append(("Cell/Nuclei mean", m["cell_nuclei_average"]))
+    for name, r in rows:
+        lines.append(f"{name[:21]:<22}{f(r['mAP'])} {f(r['AP50'])} {f(r['AP75'])} {f(r['aji'], 100)}")
+    lines.append(f"box AP {f(m['box_AP']).strip()} | aji_kumar {f(m['aji_kumar'], 100).strip()} | "
+                 f"aji_plus {f(m['aji_plus'], 100).strip()} (x100)")
+    lines += [f"note: {n}" for n in m["notes"]]
+    return "\n".join(lines)
+
+
+def write_outputs(output_dir, metrics: dict, results: list[dict] | None, split: str) -> None:
+    """`results_{split}.json` (COCO results) then `metrics.json`, each atomically (metrics last: its
+    presence means the evaluation finished)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if results is not None:
+        write_json_atomic(output_dir / f"results_{split}.json", results)
+    write_json_atomic(output_dir / "metrics.json", metrics)
+
+
+# ----------------------------------------------------------------------------------------------- model runs
+def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: int | None = None,
+                   batch_size: int = 4, expected_category_map: CategoryMap | None = None,
+                   verbose: bool = True) -> dict:
+    """Run `model` over `split` and score it at the original image resolution.
+
+    Every rank of a torchrun job calls this; rank r predicts images r, r+W, ... of the split (each image
+    exactly once), the compact per-image results are gathered to rank 0 and de-duplicated by image id, and
+    rank 0 writes `output_dir/results_{split}.json` + `metrics.json`, prints the table and returns the
+    metrics dict (layout: `summarize`); the other ranks return {}. `vis` (default `test.vis`) images of rank
+    0's shard are drawn as ground truth | prediction PNGs into `output_dir/vis/`. Detections with score <
+    `test.score_thresh` are dropped before scoring and writing. `expected_category_map`: the checkpoint's;
+    an error if the split's json declares other categories. The model's train/eval mode is restored.
+    """
+    from .data import build_dataset
+    from .imageio import read_image
+    from .visualize import save_instance_panels
+
+    dataset = build_dataset(cfg, split, is_train=False)
+    cmap = dataset.category_map
+    if expected_category_map is not None and tuple(expected_category_map.json_ids) != tuple(cmap.json_ids):
+        raise EvaluationError(f"the model was trained on categories {list(expected_category_map.json_ids)} "
+                              f"{list(expected_category_map.names)} but the {split} json declares "
+                              f"{list(cmap.json_ids)} {list(cmap.names)}; evaluate on data of the same categories")
+    aji_mode, thresh = str(cfg.test.aji_mode), float(cfg.test.score_thresh)
+    if aji_mode not in AJI_MODES:
+        raise EvaluationError(f"test.aji_mode must be one of {AJI_MODES}, got {aji_mode!r}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    vis = int(cfg.test.vis if vis is None else vis) if rank == 0 else 0
+    indices = shard_indices(len(dataset), rank, world)
+    acc, results = MetricAccumulator(), []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for n, (index, pred) in enumerate(predict_dataset(
+                    model, dataset, indices, thresh, batch_size, int(cfg.data.num_workers),
+                    progress=verbose and rank == 0)):
+                record = dataset.records[index]
+                gt = gt_instances(record)
+                acc.add(gt, det_instances(pred, cmap))
+                results.extend(encode_results(pred, record.image_id, cmap))
+                if n < vis:
+                    keep = ~gt["iscrowd"]
+                    save_instance_panels(
+                        read_image(record.path, str(cfg.data.normalize)).numpy(),
+                        [(f"ground truth ({int(keep.sum())})", gt["masks"][keep]),
+                         (f"prediction ({len(pred['scores'])}, score >= {thresh:g})", pred["masks"].numpy())],
+                        Path(output_dir) / "vis" / f"image_{record.image_id}.png", f"{split} image {record.image_id}")
+    finally:
+        model.train(was_training)
+    gathered = dist.all_gather_object((acc.images, results))
+    if rank != 0:
+        return {}
+    acc = MetricAccumulator()
+    kept: set[int] = set()
+    results = []
+    for images, res in gathered:  # rank order; an image id already taken from an earlier rank is skipped
+        new = set(images) - kept
+        acc.merge({i: images[i] for i in new})
+        results.extend(r for r in res if r["image_id"] in new)
+        kept |= new
+    missing = sorted({r.image_id for r in dataset.records} - kept)
+    if missing:
+        raise RuntimeError(f"evaluation lost images {missing[:20]}: every rank must run evaluate_model")
+    metrics = summarize(acc.compute(list(cmap.json_ids), aji_mode), list(cmap.json_ids), list(cmap.names),
+                        split=split, num_images=len(kept), num_detections=len(results), score_thresh=thresh,
+                        aji_mode=aji_mode)
+    write_outputs(output_dir, metrics, results, split)
+    if verbose:
+        print(format_table(metrics), flush=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- results files
+def _check_gt(gt: dict, where: str = "ground truth") -> tuple[dict, list[int], list[str]]:
+    """Validate a COCO ground-truth dict: ({image_id: image}, category ids, names)."""
+    for key in ("images", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise EvaluationError(f"{where}: missing '{key}' list; a COCO instances file needs 'images', "
+                                  "'annotations' and 'categories'")
+    images = {}
+    for im in gt["images"]:
+        if im.get("id") in images:
+            raise EvaluationError(f"{where}: image id {im.get('id')} appears twice in 'images'")
+        if "height" not in im or "width" not in im:
+            raise EvaluationError(f"{where}: image {im.get('id')} lacks 'height'/'width'")
+        images[im.get("id")] = im
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    ids = [c["id"] for c in cats]
+    if len(set(ids)) != len(ids):
+        raise EvaluationError(f"{where}: duplicate category ids {ids}")
+    seen = set()
+    for n, a in enumerate(gt.get("annotations", [])):
+        ann_id = a.get("id")
+        if not isinstance(ann_id, int) or ann_id < 1:
+            raise EvaluationError(f"{where}: annotation #{n} (image {a.get('image_id')}) has id {ann_id!r}; "
+                                  "annotation ids must be integers >= 1 (COCO tools read id 0 as "
+                                  "'unmatched'); renumber them 1..N")
+        if ann_id in seen:
+            raise EvaluationError(f"{where}: annotation id {ann_id} is used twice; ids must be unique")
+        seen.add(ann_id)
+        if a.get("image_id") not in images or a.get("category_id") not in ids:
+            raise EvaluationError(f"{where}: annotation {ann_id} refers to image {a.get('image_id')} / category "
+                                  f"{a.get('category_id')}, not listed in 'images' / 'categories'")
+    return images, ids, [str(c.get("name", c["id"])) for c in cats]
+
+
+def _check_results(results, images: dict, cat_ids: list[int]) -> None:
+    if not isinstance(results, list):
+        raise EvaluationError("results must be a json list of {image_id, category_id, score, segmentation}")
+    for n, r in enumerate(results):
+        if not isinstance(r, dict) or not {"image_id", "category_id", "score", "segmentation"} <= set(r):
+            raise EvaluationError(f"result #{n} lacks image_id, category_id, score or segmentation; "
+                                  "write COCO segm results (RLE masks)")
+    bad = sorted({r["image_id"] for r in results} - set(images), key=str)
+    if bad:
+        raise EvaluationError(f"results refer to image ids {bad[:20]} that are not in the ground truth; score "
+                              "them against the annotation file the predictions were made for")
+    bad = sorted({r["category_id"] for r in results} - set(cat_ids), key=str)
+    if bad:
+        raise EvaluationError(f"results use category ids {bad[:20]} that the ground truth does not declare "
+                              f"({cat_ids[:20]}); write the dataset's json category ids, not contiguous labels")
+
+
+def _decode(segm, h: int, w: int, what: str) -> np.ndarray:
+    if isinstance(segm, dict) and [int(s) for s in segm.get("size", [])] != [h, w]:
+        raise EvaluationError(f"{what}: RLE size {segm.get('size')} differs from the image size {[h, w]}")
+    try:
+        return segmentation_to_mask(segm, h, w)
+    except Exception as e:  # noqa: BLE001 - pycocotools raises assorted types for malformed input
+        raise EvaluationError(f"{what}: cannot decode the segmentation ({type(e).__name__}: {e})") from None
+
+
+def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", score_thresh: float | None = None,
+                     split: str = "results") -> dict:
+    """Score a COCO results list against a COCO ground-truth dict (the `evaluate.py --gt --pred` mode).
+
+    gt: COCO instances dict (annotation ids >= 1; 'area' drives the area ranges, the mask pixel count when
+    absent). results: [{image_id, category_id (json id), score, segmentation RLE, optional bbox xywh}]; an
+    empty list scores AP 0 / AJI 0 with a note. Box AP is computed when every result has a bbox.
+    `score_thresh`: drop results below it first (None: score them all). Returns the `summarize` dict; mask
+    AP equals pycocotools COCOeval(iouType='segm') on the same files.
+    """
+    images, cat_ids, names = _check_gt(gt)
+    _check_results(results, images, cat_ids)
+    if score_thresh is not None:
+        results = [r for r in results if r["score"] >= score_thresh]
+    anns = {i: [] for i in images}
+    dets = {i: [] for i in images}
+    for a in gt.get("annotations", []):
+        anns[a["image_id"]].append(a)
+    for r in results:
+        dets[r["image_id"]].append(r)
+    with_boxes = all("bbox" in r for r in results)
+    acc = MetricAccumulator()
+    for n, image_id in enumerate(sorted(images)):
+        h, w, ga, dr = int(images[image_id]["height"]), int(images[image_id]["width"]), anns[image_id], dets[image_id]
+        gm = np.array([_decode(a["segmentation"], h, w, f"annotation {a['id']}") for a in ga], np.uint8)
+        dm = np.array([_decode(r["segmentation"], h, w, f"a result for image {image_id}") for r in dr], bool)
+        gb = [a["bbox"] if "bbox" in a else mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m))).tolist()
+              for a, m in zip(ga, gm)]
+        acc.add({"image_id": n, "labels": [a["category_id"] for a in ga], "masks": gm.reshape(-1, h, w),
+                 "iscrowd": [bool(a.get("iscrowd", 0)) for a in ga],
+                 "areas": [a["area"] if a.get("area") is not None else float(m.sum()) for a, m in zip(ga, gm)],
+                 "boxes_xywh": np.array(gb, np.float64).reshape(-1, 4)},
+                {"labels": [r["category_id"] for r in dr], "scores": [r["score"] for r in dr],
+                 "masks": dm.reshape(-1, h, w),
+                 "boxes_xywh": np.array([r.get("bbox", [0, 0, 0, 0]) for r in dr], np.float64).reshape(-1, 4)})
+    # Images were added under their position in sorted-id order, so score ties across images resolve as in
+    # pycocotools (which sorts image ids) even for non-integer ids.
+    return summarize(acc.compute(cat_ids, aji_mode, with_boxes), cat_ids, names, split=split,
+                     num_images=len(images), num_detections=len(results), score_thresh=score_thresh,
+                     aji_mode=aji_mode)

@@ -1,0 +1,271 @@
+"""Running a trained model over images: test-time batches, predictions at the ORIGINAL image size, COCO
+results entries, loading a checkpoint for inference, and the unlabelled-folder mode of evaluate.py.
+
+Coordinates: the model sees images resized by `data.min_size_test` / `max_size_test` and answers in those
+pixels; everything leaving this module is in the original image's pixels (boxes scaled by original/resized
+size, 28x28 mask probabilities pasted into the scaled box at full resolution and thresholded at 0.5), the
+convention of the ground truth and of the COCO results json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from . import dist
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, unwrap_model, write_text_atomic
+from .coco import CategoryMap, DataError
+from .predictor import paste_masks
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """The items of an n-item data set that `rank` processes: rank, rank + W, rank + 2W, ...
+
+    Disjoint across ranks and together every index exactly once (no padding, unlike DistributedSampler,
+    whose repeated items would be scored twice)."""
+    return list(range(rank, n, world_size))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def postprocess(det: dict, resized_size, orig_size, score_thresh: float, mask_threshold: float = 0.5) -> dict:
+    """One image's eval output of the model -> predictions at the original image size, on the CPU.
+
+    det: `boxes` float [N,4] xyxy in the resized input's pixels, `labels` int64 [N] in 1..K, `scores` float
+    [N], `masks` float [N,1,M,M] probabilities (GAInS.forward in eval mode). resized_size / orig_size: (H, W).
+    Returns `boxes` float32 [n,4] xyxy original pixels (clamped to the image), `labels` int64 [n], `scores`
+    float32 [n], `masks` bool [n,H0,W0]; n = detections with score >= score_thresh, in the model's order.
+    """
+    (h, w), (h0, w0) = (int(s) for s in resized_size), (int(s) for s in orig_size)
+    keep = det["scores"] >= score_thresh
+    boxes = det["boxes"][keep].detach().float().cpu()
+    boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=torch.float32)
+    boxes = torch.stack([boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0),
+                         boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)], dim=1)
+    masks = det["masks"][keep].detach().float().cpu()
+    return {"boxes": boxes, "labels": det["labels"][keep].detach().cpu().to(torch.int64),
+            "scores": det["scores"][keep].detach().float().cpu(),
+            "masks": paste_masks(masks, boxes, (h0, w0), mask_threshold)}
+
+
+@torch.no_grad()
+def predict_dataset(model: torch.nn.Module, dataset, indices: list[int], score_thresh: float,
+                    batch_size: int = 4, num_workers: int = 0, progress: bool = False):
+    """Yield (index, pred) for `dataset[indices]` in order; `pred` as `postprocess` returns it.
+
+    dataset: items (image float32 [3,h,w] resized, target with `orig_size`) as gains.data. Consecutive images
+    of the same resized size share a batch (up to `batch_size`): mixing sizes would zero-pad the smaller
+    ones, which changes their predictions near the border, so results do not depend on the batching.
+    """
+    from .data import collate
+
+    device = model_device(model)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                         shuffle=False, num_workers=num_workers, collate_fn=collate)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(indices), desc="inference", unit="img", dynamic_ncols=True)
+    pending: list[tuple[int, torch.Tensor, tuple]] = []
+
+    def flush():
+        outputs = model([image.to(device) for _, image, _ in pending])
+        for (index, image, orig), det in zip(pending, outputs):
+            yield index, postprocess(det, image.shape[-2:], orig, score_thresh)
+        if bar is not None:
+            bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for index, (images, targets) in zip(indices, loader):
+            image, orig = images[0], tuple(targets[0]["orig_size"])
+            if pending and (len(pending) >= batch_size or pending[0][1].shape != image.shape):
+                yield from flush()
+            pending.append((index, image, orig))
+        if pending:
+            yield from flush()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def encode_results(pred: dict, image_id: int, category_map: CategoryMap | None) -> list[dict]:
+    """Predictions of one image (original size, as `postprocess`) -> COCO results entries
+    {image_id int, category_id (the json's id), score, bbox [x, y, w, h], segmentation compressed RLE with
+    str counts}. Without a category map the contiguous labels are written as they are."""
+    masks = pred["masks"].numpy()
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    out = []
+    for rle, box, label, score in zip(rles, pred["boxes"].tolist(), pred["labels"].tolist(),
+                                      pred["scores"].tolist()):
+        x0, y0, x1, y1 = box
+        out.append({"image_id": int(image_id),
+                    "category_id": int(category_map.to_json_id(label)) if category_map else int(label),
+                    "score": round(float(score), 5),
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "segmentation": {"size": [int(s) for s in rle["size"]],
+                                     "counts": rle["counts"].decode("ascii")}})
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """json.dump into a tmp file beside `path`, then rename: readers never see half a file."""
+    write_text_atomic(path, json.dumps(obj, separators=(",", ":")))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def config_from_checkpoint(ckpt: dict, path, config_path=None, overrides=()):
+    """The config of an inference run: `config_path` + overrides when given, else the resolved config
+    saved in the checkpoint + overrides (validated against base.yaml like any config file)."""
+    from .config import ConfigError, dump_config, load_config
+
+    if config_path is not None:
+        return load_config(config_path, overrides)
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds no saved config (not written by train.py?); pass --config CONFIG "
+                          "with the model settings it was trained with")
+    with tempfile.TemporaryDirectory() as tmp:
+        dump_config(saved, Path(tmp) / "checkpoint_config.yaml")
+        return load_config(Path(tmp) / "checkpoint_config.yaml", overrides)
+
+
+def load_for_inference(ckpt_path, config_path=None, overrides=()):
+    """(cfg, model in eval mode on `cfg.device`, CategoryMap or None) from a checkpoint.
+
+    Raises CheckpointError for a missing/unreadable file or one whose tensors do not fit the model built
+    from the config (the message names the missing, unexpected and mis-shaped keys and the differing
+    `model.*` config values), ConfigError for a bad config.
+    """
+    from .engine import resolve_device
+    from .model import build_model
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; pass the model_final.pth (or model_*.pth) "
+                              "of a training run's output_dir")
+    ckpt = read_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, path, config_path, overrides)
+    build_cfg = copy.deepcopy(cfg)
+    # The checkpoint replaces every weight, so ImageNet initial weights (a local file that may not exist on
+    # this machine) are not needed to build the model.
+    build_cfg.model.backbone.weights = None
+    model = build_model(build_cfg)
+    load_checkpoint(path, model, config=cfg)
+    category_map = ckpt.get("category_map")
+    category_map = CategoryMap.from_dict(category_map) if category_map else None
+    model.to(resolve_device(str(cfg.device), dist.get_local_rank())).eval()
+    return cfg, model, category_map
+
+
+# ----------------------------------------------------------------------------------------------- folders
+def list_images(images_dir) -> list[Path]:
+    """Image files (PNG/JPEG/TIFF, any case) directly inside `images_dir`, sorted by file name."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images folder not found: {images_dir}; pass --images DIR with PNG/JPEG/TIFF files")
+    files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images in {images_dir}: expected files ending in "
+                                f"{', '.join(IMAGE_SUFFIXES)} (sub-folders are not searched)")
+    return files
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@torch.no_grad()
+def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_map: CategoryMap | None) -> dict:
+    """Predict every image of `images_dir` (any size, 8/16-bit, grey/RGB, PNG/JPEG/TIFF) and write into
+    `out_dir`:
+
+    - `overlays/<file name>.png`: the image with its predicted instances (score >= test.score_thresh);
+    - `masks/<file name>.npz`: `masks` bool [N,H,W] (overlaps kept: one full-size mask per instance),
+      `scores` float32 [N], `labels` int64 [N] (json category ids), `boxes` float32 [N,4] xyxy pixels;
+    - `results.json`: COCO results of the folder; `images.json`: {"images": [{id, file_name, height,
+      width}], "categories": [...]}, ids 1..N in sorted file-name order.
+    Under torchrun each rank predicts a disjoint shard and writes its images' files; rank 0 writes the jsons.
+    Returns {"num_images", "num_detections", "out_dir"} (rank 0; {} elsewhere).
+    """
+    from .imageio import read_image_array
+    from .predictor import Predictor
+    from .visualize import save_instance_panels
+
+    from .imageio import read_image_size
+
+    files = list_images(images_dir)
+    for path in files:  # unreadable files are reported before anything is written
+        try:
+            read_image_size(path)
+        except Exception as e:  # noqa: BLE001 - any decoder error: name the file
+            raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); convert it to PNG/TIFF "
+                            "or move it out of the folder") from None
+    out_dir = Path(out_dir)
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(unwrap_model(model), int(cfg.data.min_size_test), int(cfg.data.max_size_test),
+                          normalize=str(cfg.data.normalize))
+    to_json = category_map.to_json_id if category_map else int
+    entries, results = [], []
+    for n in shard_indices(len(files), dist.get_rank(), dist.get_world_size()):
+        path, image_id = files[n], n + 1
+        try:
+            array = read_image_array(path)
+        except Exception as e:  # noqa: BLE001 - any decoder error: name the file
+            raise DataError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+        pred = predictor([array])[0]
+        keep = pred["scores"] >= float(cfg.test.score_thresh)
+        pred = {k: v[keep] for k, v in pred.items()}
+        h, w = pred["masks"].shape[-2:]
+        labels = np.array([to_json(v) for v in pred["labels"].tolist()], dtype=np.int64)
+        _save_npz_atomic(out_dir / "masks" / f"{path.name}.npz", masks=pred["masks"].numpy(),
+                         scores=pred["scores"].numpy().astype(np.float32), labels=labels,
+                         boxes=pred["boxes"].numpy().astype(np.float32))
+        save_instance_panels(predictor_image(array, cfg), [(f"{path.name}: {len(labels)} instances",
+                                                             pred["masks"].numpy())],
+                             out_dir / "overlays" / f"{path.name}.png")
+        entries.append({"id": image_id, "file_name": path.name, "height": int(h), "width": int(w)})
+        results.extend(encode_results(pred, image_id, category_map))
+    gathered = dist.all_gather_object((entries, results))
+    if not dist.is_main_process():
+        return {}
+    entries = sorted((e for part in gathered for e in part[0]), key=lambda e: e["id"])
+    # a stable sort keeps each image's detections in score order
+    results = sorted((r for part in gathered for r in part[1]), key=lambda r: r["image_id"])
+    cats = ([{"id": i, "name": nm} for i, nm in zip(category_map.json_ids, category_map.names)]
+            if category_map else [{"id": k, "name": str(k)} for k in range(1, int(cfg.model.num_classes) + 1)])
+    write_json_atomic(out_dir / "results.json", results)
+    write_json_atomic(out_dir / "images.json", {"images": entries, "categories": cats})
+    return {"num_images": len(entries), "num_detections": len(results), "out_dir": str(out_dir)}
+
+
+def predictor_image(array: np.ndarray, cfg) -> np.ndarray:
+    """The image as the model saw it before resizing (float [3,H,W] in [0,1]), for drawing overlays."""
+    from .imageio import to_float_rgb
+
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return to_float_rgb(array, str(cfg.data.normalize)).numpy()
