@@ -182,7 +182,8 @@ def _dataset(gt_per_image, det_per_image, category_ids, kind, mode="clean", max_
 
 
 def aji(gt_per_image, det_per_image, category_ids, mode: str = "clean", max_dets: int = 100) -> dict:
-    """Data-set `aji` (GAInS/DoNet tables), inputs as `coco_ap.evaluate_instances` (masks needed).
+    """Data-set `aji` (GAInS/DoNet tables), inputs as `coco_ap.evaluate_instances` (masks needed;
+    labels outside `category_ids` are left out).
 
     Returns {"per_image": {image_id: {cat_id: value}} (only categories present in that image),
     "per_category": {cat_id: mean over counted images or None}, "mean": mean over categories with a

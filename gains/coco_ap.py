@@ -2,7 +2,8 @@
 
 The definitions are those of /work/shared/docs/METRICS.md §1; the tie rules, the thresholds and the
 accumulation order reproduce pycocotools 2.0.x so that every summary statistic agrees to rounding noise.
-Nothing here calls pycocotools: masks arrive as bool arrays and intersections are exact pixel counts.
+Nothing here calls pycocotools: masks become runs (`gains.mask_runs`) whose intersections are exact
+integer pixel counts; IoUs are float64 divisions of those counts, as in pycocotools' C code.
 
 Per-image inputs (`gt_per_image[i]` and `det_per_image[i]` describe the same image):
 
@@ -10,7 +11,8 @@ gt dict
     image_id     int, optional (default: the list index). Images are accumulated in sorted id order,
                  which decides score ties across images.
     labels       int [G] category ids (any integers; the ones listed in `category_ids` are evaluated).
-    masks        bool/uint8 [G,H,W] or [G,1,H,W] (numpy or torch; nonzero = inside); needed for 'segm'.
+    masks        bool/int [G,H,W] or [G,1,H,W] (numpy or torch, any device; nonzero = inside; C-contiguous
+                 bool is the fast path); needed for 'segm'. Float masks are refused: threshold them first.
     boxes_xywh   float [G,4] COCO boxes (x, y, width, height), absolute pixels; needed for 'bbox'.
     iscrowd      bool/int [G], optional (default 0). Crowd regions are ignored and may absorb detections.
     areas        float [G], optional: the COCO 'area' field, used only for the area ranges. Default: the
@@ -97,7 +99,8 @@ def normalize_images(gt_per_image, det_per_image) -> list[ImageInstances]:
         dl = _numpy(det["labels"]).astype(np.int64).reshape(-1)
         gm = None if gt.get("masks") is None else _mask_runs(gt["masks"], len(gl), what + " GT")
         dm = None if det.get("masks") is None else _mask_runs(det["masks"], len(dl), what + " detections")
-        if gm is not None and dm is not None and (gm.size, gm.line) != (dm.size, dm.line) and len(gl) and len(dl):
+        if len(gl) and len(dl) and gm is not None and dm is not None and \
+                (gm.size, gm.line) != (dm.size, dm.line):
             raise ValueError(f"{what}: GT and detection masks have different sizes")
         gb, db = _boxes(gt, len(gl), what + " GT"), _boxes(det, len(dl), what + " detections")
         if gt.get("areas") is not None:
@@ -121,9 +124,11 @@ def normalize_images(gt_per_image, det_per_image) -> list[ImageInstances]:
 
 # ----------------------------------------------------------------------------------------- overlaps
 def pairwise_intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact |a_i ∩ b_j| for dense 0/1 masks a [N,P], b [M,P] -> int64 [N,M] (a reference for
-    `MaskRuns.intersections`, which the metrics use). A BLAS matrix product is exact here: float32 represents every integer below 2**24, so when the
-    pixel count P is below that no partial sum can round; larger images fall back to float64.
+    """Exact |a_i ∩ b_j| for dense 0/1 masks a [N,P], b [M,P] -> int64 [N,M].
+
+    The dense reference for `MaskRuns.intersections` (which the metrics use). A BLAS product is exact
+    here: float32 holds every integer below 2**24, so for P below that no partial sum can round; larger
+    images use float64. Never fp16/bf16/TF32.
     """
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), dtype=np.int64)
@@ -162,7 +167,7 @@ class CategoryOverlap:
 
     gt_index: np.ndarray  # int64 [G] rows of the image's GT arrays
     det_index: np.ndarray  # int64 [D] rows of the image's detection arrays, by descending score
-    inter: np.ndarray  # int64 [D, G] pixel intersections (None for box-only input)
+    inter: np.ndarray  # int64 [D, G] pixel intersections
     gt_pixels: np.ndarray  # int64 [G]
     det_pixels: np.ndarray  # int64 [D]
 
@@ -265,7 +270,7 @@ def _match_all(pairs: list[_Pair], budget: int = 1 << 22):
         while stop < len(order):
             p = pairs[order[stop]]
             D2, G2 = max(D, len(p.scores)), max(G, len(p.crowd))
-            if stop > start and (stop - start + 1) * D2 * G2 * len(IOU_THRESHOLDS) * len(AREA_RANGES) > budget:
+            if stop > start and (stop - start + 1) * D2 * G2 * 40 > budget:  # 40 = A * T
                 break
             D, G, stop = D2, G2, stop + 1
         chunk = [pairs[i] for i in order[start:stop]]
@@ -315,7 +320,8 @@ def _precision_recall(pairs, matches, num_categories: int, max_dets):
                 for t in range(T):
                     idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
                     # recall levels never reached get precision 0
-                    precision[t, :, k, a, mi] = np.where(idx < pr.shape[1], pr[t, np.minimum(idx, pr.shape[1] - 1)], 0.0)
+                    n = pr.shape[1]
+                    precision[t, :, k, a, mi] = np.where(idx < n, pr[t, np.minimum(idx, n - 1)], 0.0)
     return precision, recall
 
 
@@ -381,14 +387,16 @@ def evaluate_images(images: list[ImageInstances], category_ids, iou_type="segm",
     for im in images:
         if (len(im.gt_labels) and getattr(im, f"gt_{need}") is None) or \
                 (len(im.det_labels) and getattr(im, f"det_{need}") is None):
-            raise ValueError(f"image {im.image_id}: iou_type {iou_type!r} needs '{need}' for GT and detections")
+            raise ValueError(f"image {im.image_id}: iou_type {iou_type!r} needs '{need}' for GT and "
+                             "detections")
     category_ids = [int(c) for c in sorted(set(category_ids))]
     pairs = _pairs(images, category_ids, iou_type, max_dets[-1], overlaps)
     precision, recall = _precision_recall(pairs, _match_all(pairs), len(category_ids), max_dets)
     stats = summarize(precision, recall, max_dets)
-    per_category = {c: {"AP": _mean_valid(precision[:, :, k, 0, -1]),
-                        "AP50": _mean_valid(precision[0, :, k, 0, -1]),
-                        "AP75": _mean_valid(precision[IOU_THRESHOLDS == 0.75][0, :, k, 0, -1])} for k, c in enumerate(category_ids)}
+    at = {"AP": slice(None), "AP50": IOU_THRESHOLDS == 0.5, "AP75": IOU_THRESHOLDS == 0.75}
+    # per category: area 'all', the largest max_dets (detectron2's convention); -1 = no GT
+    per_category = {c: {name: _mean_valid(precision[t, :, k, 0, -1]) for name, t in at.items()}
+                    for k, c in enumerate(category_ids)}
     return {"iou_type": iou_type, "stats": stats, "stat_names": list(STAT_NAMES),
             **{name: 100.0 * stats[i] for i, name in enumerate(STAT_NAMES[:3])},
             "per_category": per_category, "precision": precision, "recall": recall}

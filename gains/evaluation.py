@@ -13,7 +13,7 @@ AP@[.5:.95], AP50, AP75; in %), box AP, the GAInS/DoNet `aji` (mode `test.aji_mo
 Categories are the json's ids; an average is the mean over categories that have ground truth. For
 ISBI2014-like data (one category named like 'cell', one like 'nucle...') the paper's "Cell/Nuclei average"
 is added: the plain mean of the two category rows. Images are streamed: each image's masks are reduced to
-exact overlap counts at once, so memory does not grow with the number of pixels of the split.
+compact runs with exact overlap counts at once, so memory does not grow with the pixels of the split.
 """
 from __future__ import annotations
 
@@ -62,22 +62,19 @@ def det_instances(pred: dict, category_map: CategoryMap) -> dict:
 
 
 class MetricAccumulator:
-    """Collects images for the metrics of `gains.metrics.instance_metrics`, keeping per image only the exact
-    mask intersection counts (`category_overlaps`) and not the pixels: a 512x512 image with 100 detections
-    would otherwise hold 26 MB, and a test split hundreds of them. `images` pickles compactly, so the shards
-    of several ranks merge on rank 0 (`merge`); an image id seen twice is kept once (the first)."""
+    """Collects images for the metrics of `gains.metrics.instance_metrics` one at a time: each image's
+    masks become runs (`gains.mask_runs`, a few KB per instance instead of H*W bytes) and its exact
+    per-category intersections are counted at once, so ranks do that work in parallel and `images` pickles
+    compactly for the gather on rank 0 (`merge`). An image id seen twice is kept once (the first)."""
 
     def __init__(self):
-        self.images: dict[int, tuple] = {}  # image_id -> (ImageInstances without pixels, category overlaps)
+        self.images: dict[int, tuple] = {}  # image_id -> (ImageInstances, category overlaps)
 
     def add(self, gt: dict, det: dict) -> None:
         """gt/det: one image in the gains.coco_ap layout (masks and boxes_xywh both given)."""
         im = normalize_images([gt], [det])[0]
-        overlaps = category_overlaps(im, None)  # all detections: AP and AJI cut their own top 100
-        # Everything downstream reads the counts in `overlaps`; zero-width placeholders free the pixels.
-        im.gt_masks = np.zeros((len(im.gt_labels), 0), dtype=np.uint8)
-        im.det_masks = np.zeros((len(im.det_labels), 0), dtype=np.uint8)
-        self.images.setdefault(im.image_id, (im, overlaps))
+        # all detections: AP and `aji` take their own top 100 per category, Kumar/AJI+ use them all
+        self.images.setdefault(im.image_id, (im, category_overlaps(im, None)))
 
     def merge(self, images: dict) -> None:
         for image_id, item in images.items():

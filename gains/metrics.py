@@ -1,8 +1,9 @@
 """Metrics of the GAInS tables: native COCO AP (segm/bbox) and the AJI family (METRICS.md).
 
 Entry points:
-- `coco_evaluate(gt, results)`: COCO dataset dict + COCO results list, the pycocotools COCOeval numbers
-  (pycocotools is used here only to decode polygons/RLE into bool masks).
+- `coco_evaluate(gt, results)`: COCO dataset dict + COCO results list -> the pycocotools COCOeval numbers.
+  RLEs are parsed natively into runs, never decoded; pycocotools only rasterises polygons (frPyObjects)
+  and merges multi-part ones (decode/encode).
 - `evaluate_instances(gt_per_image, det_per_image, category_ids)`: the same from in-memory masks/boxes
   (layout in `gains.coco_ap`), so the evaluator never re-encodes masks.
 - `instance_metrics(...)`: mask AP and every AJI variant from one pass of pixel intersections.
@@ -36,8 +37,8 @@ def instance_metrics(gt_per_image, det_per_image, category_ids, aji_mode: str = 
 
 # ----------------------------------------------------------------------------------------- COCO json
 def _rles(segm, h: int, w: int, where: str) -> list:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLEs whose union is
-    the mask (one per polygon part)."""
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> RLEs whose union is the mask
+    (one per polygon part)."""
     from pycocotools import mask as mask_utils
 
     try:
@@ -46,9 +47,7 @@ def _rles(segm, h: int, w: int, where: str) -> list:
         if isinstance(segm, dict) and "counts" in segm and "size" in segm:
             if list(segm["size"]) != [h, w]:
                 raise ValueError(f"RLE size {list(segm['size'])} differs from the image size {[h, w]}")
-            if isinstance(segm["counts"], list):
-                return [mask_utils.frPyObjects(segm, h, w)]
-            return [segm]
+            return [segm]  # compressed or uncompressed: `runs_from_rles` reads both
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     raise ValueError(f"{where}: 'segmentation' must be a non-empty list of polygons or an RLE dict "
@@ -127,6 +126,10 @@ def _coco_images(gt: dict, results: list, iou_type: str):
             gm = _mask_runs([a["segmentation"] for a in ga], h, w, [f"annotation {a['id']}" for a in ga])
             dm = _mask_runs([r["segmentation"] for r in dr], h, w, [f"result for image {i}"] * len(dr))
         else:
+            missing = [a["id"] for a in ga if len(a.get("bbox") or []) != 4]
+            if missing:
+                raise ValueError(f"ground truth: annotations {missing[:10]} need a 'bbox' [x, y, w, h] for "
+                                 "iou_type 'bbox'")
             gb = np.array([a["bbox"] for a in ga], dtype=np.float64).reshape(-1, 4)
             db = np.array([r["bbox"] for r in dr], dtype=np.float64).reshape(-1, 4)
         areas = [a.get("area") for a in ga]

@@ -352,3 +352,13 @@ def test_bad_rle_is_reported():
     results[0]["segmentation"] = _rle(np.ones((16, 32), np.uint8))
     with pytest.raises(ValueError, match="differs from the image size"):
         coco_evaluate(gt, results)
+
+
+def test_missing_fields_are_named():
+    gt, results = _simple()
+    with pytest.raises(ValueError, match=r"need a 'bbox'"):
+        coco_evaluate(gt, [dict(r, bbox=[0, 0, 4, 4]) for r in results], iou_type="bbox")
+    with pytest.raises(ValueError, match=r"lack 'bbox'"):
+        coco_evaluate(gt, results, iou_type="bbox")
+    with pytest.raises(ValueError, match=r"ids must be unique"):
+        coco_evaluate(dict(gt, annotations=gt["annotations"] + gt["annotations"][:1]), results)
