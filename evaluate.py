@@ -1,8 +1,8 @@
 """Evaluate a trained model on a split, score an existing COCO results file, or predict on unlabelled images.
 
-    python evaluate.py --ckpt RUN/model_final.pth [--config CONFIG] [--split test] [--out DIR] [--vis K] [key=value ...]
+    python evaluate.py --ckpt RUN/model_final.pth [--config CFG] [--split test] [--out DIR] [--vis K] [key=value ...]
     torchrun --nproc_per_node=2 evaluate.py --ckpt RUN/model_final.pth [...]
-    python evaluate.py --gt GT.json --pred RESULTS.json [--out metrics.json] [--aji-mode clean|gains] [--score-thresh T]
+    python evaluate.py --gt GT.json --pred RESULTS.json [--out metrics.json] [--aji-mode clean|gains]
     python evaluate.py --ckpt RUN/model_final.pth --images DIR [--out DIR] [key=value ...]
 
 The config is the one saved in the checkpoint (+ `key=value` overrides, e.g. `data.root=... test.aji_mode=gains`)
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config to use instead of the checkpoint's saved one")
     p.add_argument("--split", choices=("train", "val", "test"), help="split to evaluate (default: test.split)")
     p.add_argument("--out", help="output folder (--ckpt) or metrics json file (--gt/--pred)")
-    p.add_argument("--vis", type=int, help="draw ground truth | prediction PNGs of this many images (default: test.vis)")
+    p.add_argument("--vis", type=int, help="draw ground truth | prediction PNGs of K images (default: test.vis)")
     p.add_argument("--images", help="folder of unlabelled images to predict (PNG/JPEG/TIFF)")
     p.add_argument("--gt", help="COCO ground-truth json to score --pred against (no model)")
     p.add_argument("--pred", help="COCO results json (segm RLE) to score")

@@ -192,7 +192,8 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     rank 0 writes `output_dir/results_{split}.json` + `metrics.json`, prints the table and returns the
     metrics dict (layout: `summarize`); the other ranks return {}. `vis` (default `test.vis`) images of rank
     0's shard are drawn as ground truth | prediction PNGs into `output_dir/vis/`. Detections with score <
-    `test.score_thresh` are dropped before scoring and writing. `expected_category_map`: the checkpoint's;
+    `test.score_thresh` are dropped before scoring and writing (the model's own
+    `model.roi_heads.score_thresh_test` has already applied). `expected_category_map`: the checkpoint's;
     an error if the split's json declares other categories. The model's train/eval mode is restored.
     """
     from .data import build_dataset
@@ -225,11 +226,11 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
                 results.extend(encode_results(pred, record.image_id, cmap))
                 if n < vis:
                     keep = ~gt["iscrowd"]
-                    save_instance_panels(
-                        read_image(record.path, str(cfg.data.normalize)).numpy(),
-                        [(f"ground truth ({int(keep.sum())})", gt["masks"][keep]),
-                         (f"prediction ({len(pred['scores'])}, score >= {thresh:g})", pred["masks"].numpy())],
-                        Path(output_dir) / "vis" / f"image_{record.image_id}.png", f"{split} image {record.image_id}")
+                    panels = [(f"ground truth ({int(keep.sum())})", gt["masks"][keep]),
+                              (f"prediction ({len(pred['scores'])}, score >= {thresh:g})", pred["masks"].numpy())]
+                    save_instance_panels(read_image(record.path, str(cfg.data.normalize)).numpy(), panels,
+                                         Path(output_dir) / "vis" / f"image_{record.image_id}.png",
+                                         f"{split} image {record.image_id}")
     finally:
         model.train(was_training)
     gathered = dist.all_gather_object((acc.images, results))
@@ -243,6 +244,7 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
         acc.merge({i: images[i] for i in new})
         results.extend(r for r in res if r["image_id"] in new)
         kept |= new
+    results.sort(key=lambda r: r["image_id"])  # stable: each image keeps its score order
     missing = sorted({r.image_id for r in dataset.records} - kept)
     if missing:
         raise RuntimeError(f"evaluation lost images {missing[:20]}: every rank must run evaluate_model")

@@ -116,8 +116,8 @@ def encode_results(pred: dict, image_id: int, category_map: CategoryMap | None) 
         x0, y0, x1, y1 = box
         out.append({"image_id": int(image_id),
                     "category_id": int(category_map.to_json_id(label)) if category_map else int(label),
-                    "score": round(float(score), 5),
-                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    # full precision: re-scoring the file reproduces the in-memory numbers, ties included
+                    "score": float(score), "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "segmentation": {"size": [int(s) for s in rle["size"]],
                                      "counts": rle["counts"].decode("ascii")}})
     return out
@@ -178,7 +178,8 @@ def list_images(images_dir) -> list[Path]:
     """Image files (PNG/JPEG/TIFF, any case) directly inside `images_dir`, sorted by file name."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"images folder not found: {images_dir}; pass --images DIR with PNG/JPEG/TIFF files")
+        raise FileNotFoundError(f"images folder not found: {images_dir}; pass --images DIR holding "
+                                "PNG/JPEG/TIFF files")
     files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no images in {images_dir}: expected files ending in "
@@ -210,11 +211,9 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
     Under torchrun each rank predicts a disjoint shard and writes its images' files; rank 0 writes the jsons.
     Returns {"num_images", "num_detections", "out_dir"} (rank 0; {} elsewhere).
     """
-    from .imageio import read_image_array
+    from .imageio import read_image_array, read_image_size
     from .predictor import Predictor
     from .visualize import save_instance_panels
-
-    from .imageio import read_image_size
 
     files = list_images(images_dir)
     for path in files:  # unreadable files are reported before anything is written

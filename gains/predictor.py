@@ -110,8 +110,8 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, images) -> list[dict[str, Tensor]]:
-        if isinstance(images, (np.ndarray, Tensor)) and np.ndim(images) == 2:
-            images = [images]
+        if isinstance(images, (np.ndarray, Tensor)) and images.ndim <= 3:
+            images = [images]  # one image; a 4-D array/tensor is iterated as a batch
         results = []
         for image in images:
             x = to_model_image(image, self.normalize).to(self.device)

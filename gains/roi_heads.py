@@ -221,6 +221,7 @@ class RoIHeads(nn.Module):
         boxes = [s[0] for s in sampled]
         labels = torch.cat([s[1] for s in sampled])
         class_logits, deltas = self.box_head(self.box_pooler(features, boxes))
+        class_logits, deltas = class_logits.float(), deltas.float()  # float32 box arithmetic under autocast
         fg_boxes = [b[l > 0] for b, l, _ in sampled]
         fg_gt = [g[l > 0] for _, l, g in sampled]
         with torch.no_grad():
@@ -248,6 +249,7 @@ class RoIHeads(nn.Module):
     def _inference(self, features: list[Tensor], proposals: list[Tensor],
                    image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         class_logits, deltas = self.box_head(self.box_pooler(features, proposals))
+        class_logits, deltas = class_logits.float(), deltas.float()
         scores_all = F.softmax(class_logits, -1)[:, 1:]
         boxes_all = self.box_coder.decode_single(deltas, torch.cat(proposals)).view(len(deltas), self.num_classes, 4)
         results = []
@@ -262,7 +264,7 @@ class RoIHeads(nn.Module):
             results.append({"boxes": det_boxes[keep], "scores": det_scores[keep], "labels": k[keep] + 1})
         _, mask_logits = self.mask_head(self.mask_pooler(features, [r["boxes"] for r in results]))
         labels = torch.cat([r["labels"] for r in results])
-        probs = mask_logits[torch.arange(len(labels), device=labels.device), labels - 1][:, None].sigmoid()
+        probs = mask_logits[torch.arange(len(labels), device=labels.device), labels - 1][:, None].float().sigmoid()
         for r, m in zip(results, probs.split([len(r["boxes"]) for r in results])):
             r["masks"] = m
         return results

@@ -134,8 +134,9 @@ class RPN(nn.Module):
     def forward(self, features: list[Tensor], image_sizes: list[tuple[int, int]],
                 gt_boxes: list[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
         logits, deltas = self.head(features)
-        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], features[0].device,
-                                        features[0].dtype)
+        # Box arithmetic stays in float32 under autocast: float16 cannot hold pixel coordinates precisely.
+        logits, deltas = [l.float() for l in logits], [d.float() for d in deltas]
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features], features[0].device)
         proposals = self._select_proposals(anchors, [l.detach() for l in logits], [d.detach() for d in deltas],
                                            image_sizes)
         losses = {}

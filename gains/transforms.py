@@ -48,7 +48,8 @@ def resize(image: torch.Tensor, masks: torch.Tensor, ga: torch.Tensor | None, si
     """Resize image float [3,H,W], masks uint8 [N,H,W] and optional GA maps float [N,H,W] to `size` (h, w)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, masks, ga
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    # antialias: like PIL's bilinear resize that detectron2 uses; matters only when shrinking
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     if masks.shape[0]:
         masks = F.interpolate(masks[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
     else:

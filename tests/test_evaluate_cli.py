@@ -108,11 +108,13 @@ def test_gt_pred_mode_matches_pycocotools(gt_and_results, tmp_path, capsys):
     for i in sorted(shapes):
         anns = [a for a in gt["annotations"] if a["image_id"] == i]
         rs = [r for r in results if r["image_id"] == i]
+        gm = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], *shapes[i])))
+              for a in anns]
+        dm = [mask_utils.decode(r["segmentation"]) for r in rs]
         gts.append({"image_id": i, "labels": [a["category_id"] for a in anns],
-                    "masks": np.array([mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(
-                        a["segmentation"], *shapes[i]))) for a in anns], np.uint8).reshape(-1, *shapes[i])})
+                    "masks": np.array(gm, np.uint8).reshape(-1, *shapes[i])})
         dets.append({"labels": [r["category_id"] for r in rs], "scores": [r["score"] for r in rs],
-                     "masks": np.array([mask_utils.decode(r["segmentation"]) for r in rs], np.uint8).reshape(-1, *shapes[i])})
+                     "masks": np.array(dm, np.uint8).reshape(-1, *shapes[i])})
     assert m["aji"] == pytest.approx(aji(gts, dets, [3, 7])["mean"], abs=1e-12)
     assert 0 < m["aji"] < 1 and m["per_category"]["Cell"]["category_id"] == 3
     table = capsys.readouterr().out
@@ -134,8 +136,8 @@ def test_gt_pred_empty_results_and_bad_inputs(gt_and_results, tmp_path, capsys):
             assert needle in err, err
         assert "Traceback" not in err
 
-    fails(["--gt", str(tmp_path / "nope.json"), "--pred", str(pred_path)], "ground-truth json (--gt) not found",
-          "nope.json")
+    fails(["--gt", str(tmp_path / "nope.json"), "--pred", str(pred_path)],
+          "ground-truth json (--gt) not found", "nope.json")
     fails(["--gt", str(gt_path), "--pred", str(tmp_path / "none.json")], "results json (--pred) not found")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(results + [{**results[0], "image_id": 404}]))
@@ -202,6 +204,9 @@ def test_ckpt_errors_are_messages_and_write_nothing(checkpoint, tmp_path, capsys
     assert cli.main(["--ckpt", str(checkpoint), "--out", str(out), "model.backbone.fpn_channels=16"]) == 1
     err = capsys.readouterr().err
     assert "does not match the model" in err and "shape mismatch" in err and "fpn_channels" in err
+    assert cli.main(["--ckpt", str(checkpoint), "--out", str(out), "model.mode=gains"]) == 1
+    err = capsys.readouterr().err  # the anomaly branch exists only in the model built from the config
+    assert "missing in checkpoint" in err and "alrm" in err and "model.mode: checkpoint 'mask_rcnn'" in err
     assert cli.main(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(out)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
     assert cli.main(["--ckpt", str(checkpoint), "--out", str(out), "test.aji_mod=gains"]) == 2
@@ -257,22 +262,21 @@ def test_images_mode_errors(checkpoint, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_train_then_evaluate_in_all_three_modes(tmp_path):
-    """train.py a few iterations of the tiny GAInS (its end-of-training evaluation runs evaluate_model),
-    then evaluate.py on the checkpoint, on its results file, and on a folder of images."""
+    """train.py a few iterations of the quickstart GAInS (its end-of-training evaluation runs
+    evaluate_model), then evaluate.py on the checkpoint, on its results file, on a folder of images, and
+    under torchrun with two processes."""
     from gains.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", num_train=4, num_val=2, num_test=2, image_size=(96, 96))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    overrides = [f"output_dir={run}", f"data.root={tmp_path / 'data'}", "device=cpu", "data.num_workers=0",
-                 "data.min_size_train=[96]", "data.max_size_train=128", "data.min_size_test=96",
-                 "gamm.target_category_id=1", "model.backbone.depth=18", "model.backbone.norm=gn",
-                 "model.backbone.freeze_at=0", "model.backbone.fpn_channels=32", "model.roi_heads.fc_dim=64",
-                 "model.roi_heads.mask_conv_dim=32", "model.rpn.batch_size_per_image=64",
-                 "model.roi_heads.batch_size_per_image=64", "solver.max_iter=3", "solver.checkpoint_period=3",
-                 "solver.log_period=1", "solver.warmup_iters=1", "test.eval_at_end=true", "test.score_thresh=0.0"]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/base.yaml"), *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
+    # the quickstart config, shortened: 3 iterations on the small pre-generated synthetic set
+    overrides = [f"output_dir={run}", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
+                 "data.min_size_train=[96]", "data.min_size_test=96", "solver.max_iter=3", "solver.ims_per_batch=2",
+                 "solver.checkpoint_period=3", "solver.log_period=1", "solver.warmup_iters=1",
+                 "solver.steps=[2]", "test.eval_at_end=true", "test.score_thresh=0.0"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "configs/quickstart.yaml"),
+                           *overrides], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "eval_final_test/metrics.json").is_file()
     ckpt = run / "model_final.pth"

@@ -83,7 +83,6 @@ def test_train_step_every_mode(mode, depth):
     assert has_branch == MODES[mode][1]
 
 
-@pytest.mark.slow
 def test_train_step_resnet101():
     model = tiny_model("gains", 101).train()
     image, target = make_sample()
