@@ -151,7 +151,14 @@ def stratified_metrics(gt_per_image, det_per_image, category_ids, same_category_
     "per_category": {cat_id: {"AP", "AP50", "AP75" (fractions, -1 = no GT), "aji" (None = not counted),
     "num_gt"}}}}. One intersection pass per image serves every stratum; the matching runs once.
     """
-    images = normalize_images(gt_per_image, det_per_image)
+    return stratified_metrics_images(normalize_images(gt_per_image, det_per_image), category_ids,
+                                     same_category_only, max_dets)
+
+
+def stratified_metrics_images(images, category_ids, same_category_only: bool = True,
+                              max_dets=(1, 10, 100)) -> dict:
+    """`stratified_metrics` on already normalised images (`gains.coco_ap.normalize_images` output, e.g. the
+    evaluator's streamed accumulator)."""
     max_dets = sorted(int(m) for m in max_dets)
     if len(max_dets) != 3:
         raise ValueError("max_dets needs exactly 3 values, like COCOeval's maxDets")

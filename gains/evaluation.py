@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 
 from . import dist
 from .coco import CategoryMap, ImageRecord, segmentation_to_mask
+from .cto import stratified_metrics_images
 from .inference import encode_results, predict_dataset, shard_indices, write_json_atomic
 from .metrics import AJI_MODES, STAT_NAMES, aji_from_overlaps, category_overlaps, evaluate_images, normalize_images
 
@@ -91,6 +92,8 @@ class MetricAccumulator:
         for kind in AJI_KINDS:  # METRICS.md: `aji` uses the top 100 per category, Kumar/AJI+ all detections
             out[kind] = aji_from_overlaps(images, overlaps, category_ids, kind, aji_mode,
                                           MAX_DETS[-1] if kind == "aji" else None)
+        if all(im.gt_masks is not None or not len(im.gt_labels) for im in images):
+            out["strata"] = stratified_metrics_images(images, category_ids, max_dets=MAX_DETS)
         return out
 
 
@@ -134,6 +137,11 @@ def summarize(raw: dict, category_ids, names, *, split: str, num_images: int, nu
            "segm_stats": {k: _pct(v) for k, v in zip(STAT_NAMES, segm["stats"])},
            "bbox_stats": {k: _pct(v) for k, v in zip(STAT_NAMES, bbox["stats"])} if bbox else None,
            "per_category": per_category}
+    if raw.get("strata"):
+        # CTO = GT instances that touch/overlap/cross another of their category (gains/cto.py); AJI mode clean
+        out["strata"] = {name: {"mAP": _pct(v["AP"] / 100), "AP50": _pct(v["AP50"] / 100),
+                                "AP75": _pct(v["AP75"] / 100), "aji": _frac(v["aji"]), "num_gt": v["num_gt"]}
+                         for name, v in raw["strata"].items() if name in ("cto", "non_cto")}
     pair = cell_nuclei_pair(names)
     if pair is not None:
         rows = [list(per_category.values())[i] for i in pair]
@@ -167,6 +175,11 @@ def format_table(m: dict) -> str:
         lines.append(f"{name[:21]:<22}{f(r['mAP'])} {f(r['AP50'])} {f(r['AP75'])} {f(r['aji'], 100)}")
     lines.append(f"box AP {f(m['box_AP']).strip()} | aji_kumar {f(m['aji_kumar'], 100).strip()} | "
                  f"aji_plus {f(m['aji_plus'], 100).strip()} (x100)")
+    for name, label in (("cto", "CTO instances"), ("non_cto", "non-CTO instances")):
+        r = (m.get("strata") or {}).get(name)
+        if r:
+            lines.append(f"{label:<22}{f(r['mAP'])} {f(r['AP50'])} {f(r['AP75'])} {f(r['aji'], 100)}"
+                         f"   ({r['num_gt']} GT; AJI mode clean)")
     lines += [f"note: {n}" for n in m["notes"]]
     return "\n".join(lines)
 

@@ -106,10 +106,14 @@ def test_perfect_predictor_scores_100_and_aji_1(rect_data, tmp_path, capsys):
     assert m["per_category"]["Nuclei"]["category_id"] == 7 and m["per_category"]["Nuclei"]["mAP"] == 100
     assert m["cell_nuclei_average"]["mAP"] == 100 and m["cell_nuclei_average"]["aji"] == 1
     assert sorted(model.seen) == [11, 12, 13]
+    # the two overlapping cells of image 11 are the CTO stratum; the other 4 non-crowd GTs are not
+    assert (m["strata"]["cto"]["num_gt"], m["strata"]["non_cto"]["num_gt"]) == (2, 4)
+    assert m["strata"]["cto"]["mAP"] == 100 and m["strata"]["non_cto"]["aji"] == pytest.approx(1)
     assert json.loads((tmp_path / "out/metrics.json").read_text())["mAP"] == 100
     assert (tmp_path / "out/vis/image_11.png").is_file()
     table = capsys.readouterr().out
     assert "aji mode 'clean'" in table and "score >= 0.05" in table and "Cell/Nuclei mean" in table
+    assert "CTO instances" in table and "non-CTO instances" in table
 
     results = json.loads((tmp_path / "out/results_test.json").read_text())
     assert {r["category_id"] for r in results} == {3, 7} and {r["image_id"] for r in results} == {11, 12}
