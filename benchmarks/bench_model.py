@@ -10,9 +10,11 @@ What is measured, for every model on the same synthetic batch (ellipse instances
 - inference per image: eval forward of one image (median). torchvision pastes masks into the image inside
   its forward, ours returns 28x28 probabilities, so ours is also timed with `paste_masks` added (the fair
   column to compare);
-- peak memory: CUDA `torch.cuda.max_memory_allocated` per phase; on CPU each (model, phase) runs in a fresh
-  subprocess and reports the growth of its peak RSS (`resource.getrusage(...).ru_maxrss`) over the phase,
-  i.e. the extra memory the phase needs beyond the model and data (tracemalloc misses torch's allocator).
+- peak memory: on CUDA `torch.cuda.max_memory_allocated` during the phase minus what was allocated before it
+  (weights, optimiser state and data of all models stay allocated); on CPU each (model, phase) runs in a fresh
+  subprocess and reports how far its peak RSS (/proc/self/status VmHWM, reset before the phase) rises above
+  the RSS before the phase, i.e. the extra memory the phase needs beyond the model and data (tracemalloc
+  misses torch's allocator; ru_maxrss is inherited across fork/exec on Linux). Linux only.
 
 Comparability: both backbones use FrozenBatchNorm2d and freeze the stem + res2 (torchvision's
 `maskrcnn_resnet50_fpn(weights=None)` would use trainable BatchNorm and train all layers, so the
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -155,21 +156,33 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child(args) -> None:
-    """Run one (model, phase) in this fresh process and print its peak-RSS growth in MiB as JSON."""
+    """Run one (model, phase) in this fresh process and print its peak-RSS growth in MiB as JSON.
+
+    getrusage's ru_maxrss survives fork+exec (a child starts with its parent's high-water mark), so the
+    peak is read from /proc/self/status VmHWM after resetting it (`5 > /proc/self/clear_refs`)."""
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     images, targets = make_batch(args.batch, args.size, args.instances)
     runner = Runner(args.child_model, images, targets, device, False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_mib("VmRSS")
     for _ in range(2):
         if args.child_phase == "train":
             runner.train_step()
         else:
             runner.infer()
             runner.paste()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024}))
+    print(json.dumps({"peak_mib": _rss_mib("VmHWM") - before}))
 
 
 def cpu_memory(args, name: str, phase: str) -> float:
@@ -221,32 +234,38 @@ def main() -> None:
             for fn in (r.train_step, lambda: (r.infer(), r.paste())):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()  # all models live on the GPU: count the growth only
                 fn()
                 torch.cuda.synchronize()
-                peaks.append(torch.cuda.max_memory_allocated() / 2 ** 20)
+                peaks.append((torch.cuda.max_memory_allocated() - before) / 2 ** 20)
             memory[name] = tuple(peaks)
         else:
             memory[name] = (cpu_memory(args, name, "train"), cpu_memory(args, name, "infer"))
 
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
-    ref = med.get("torchvision")
+    low = {n: {k: min(v) for k, v in t.items()} for n, t in times.items()}
+    ref, ref_low = med.get("torchvision"), low.get("torchvision")
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"\n{dev}; {args.size}x{args.size}, batch {args.batch}, {args.instances} instances/image, "
-          f"median of {args.iters} after {args.warmup} warm-up{', AMP fp16' if args.amp else ''}; torch "
-          f"{torch.__version__}\n")
-    mem_kind = "peak CUDA alloc" if device.type == "cuda" else "peak RSS growth"
-    print(f"| model | train step (s) | vs tv | inference/img (s) | +paste (s) | vs tv | "
-          f"{mem_kind} train (MiB) | {mem_kind} infer (MiB) |")
+          f"{args.iters} measured iterations after {args.warmup} warm-up{', AMP fp16' if args.amp else ''}; "
+          f"torch {torch.__version__}; cells are median / min seconds, ratios median / min\n")
+    mem_kind = "peak CUDA alloc growth" if device.type == "cuda" else "peak RSS growth"
+    print(f"| model | train step (s) | train vs tv | inference/img, model only (s) | inference/img incl. paste (s) "
+          f"| inference vs tv | {mem_kind} train (MiB) | {mem_kind} inference (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, m in med.items():
-        rel_t = f"{m['train'] / ref['train']:.2f}x" if ref else "-"
-        rel_i = f"{m['infer_paste'] / ref['infer_paste']:.2f}x" if ref else "-"
-        inf = m["infer"] if name != "torchvision" else float("nan")
-        label = "torchvision maskrcnn_resnet50_fpn" if name == "torchvision" else f"gains ({name})"
-        print(f"| {label} | {m['train']:.3f} | {rel_t} | "
-              f"{'(incl. paste)' if name == 'torchvision' else f'{inf:.3f}'} | {m['infer_paste']:.3f} | {rel_i} | "
-              f"{memory[name][0]:.0f} | {memory[name][1]:.0f} |")
 
+    def ratio(key, name):
+        if not ref:
+            return "-"
+        return f"{med[name][key] / ref[key]:.2f}x / {low[name][key] / ref_low[key]:.2f}x"
+
+    for name in med:
+        m, lo = med[name], low[name]
+        label = "torchvision maskrcnn_resnet50_fpn" if name == "torchvision" else f"gains, mode {name}"
+        inf = "(pastes inside)" if name == "torchvision" else f"{m['infer']:.3f} / {lo['infer']:.3f}"
+        print(f"| {label} | {m['train']:.3f} / {lo['train']:.3f} | {ratio('train', name)} | {inf} | "
+              f"{m['infer_paste']:.3f} / {lo['infer_paste']:.3f} | {ratio('infer_paste', name)} | "
+              f"{memory[name][0]:.0f} | {memory[name][1]:.0f} |")
 
 if __name__ == "__main__":
     main()

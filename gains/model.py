@@ -11,6 +11,8 @@ Modes without the branch do not create its parameters.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -90,6 +92,12 @@ class GAInS(nn.Module):
                             "model.mode=mask_rcnn)") if k == "ga" else ""
                     raise KeyError(f"{name}: target has no {k!r}{hint}")
             n = len(t["boxes"])
+            if tuple(t["boxes"].shape) != (n, 4) or tuple(t["labels"].shape) != (n,):
+                raise ValueError(f"{name}: boxes {tuple(t['boxes'].shape)} and labels {tuple(t['labels'].shape)} "
+                                 "must be [N,4] and [N]")
+            if n and (int(t["labels"].min()) < 1 or int(t["labels"].max()) > self.roi_heads.num_classes):
+                raise ValueError(f"{name}: labels must lie in 1..{self.roi_heads.num_classes} (0 is background), "
+                                 f"got {sorted(set(t['labels'].tolist()))}; check model.num_classes")
             for k in keys[2:]:
                 if tuple(t[k].shape) != (n, h, w):
                     raise ValueError(f"{name}: target {k!r} has shape {tuple(t[k].shape)}, expected {(n, h, w)} "
@@ -121,6 +129,10 @@ def build_model(cfg) -> GAInS:
         raise ValueError(f"model.mode must be one of {list(MODES)}, got {m.mode!r}")
     use_ga_weights, use_branch = MODES[m.mode]
     b, r, h, a = m.backbone, m.rpn, m.roi_heads, m.alrm
+    if b.norm == "frozen_bn" and not b.weights:
+        warnings.warn("model.backbone.norm=frozen_bn without model.backbone.weights: frozen BN of a randomly "
+                      "initialised ResNet is an identity, so activations grow layer after layer and training "
+                      "from scratch is unstable; use model.backbone.norm=gn (or bn), or give ImageNet weights")
     backbone = ResNetFPN(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, stride_in_1x1=b.stride_in_1x1,
                          weights=b.weights, out_channels=b.fpn_channels)
     rpn = RPN(b.fpn_channels, anchor_sizes=r.anchor_sizes, aspect_ratios=r.aspect_ratios,

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gains.transforms import resized_shape  # the data layer's resize rule, so train and test agree
+
+__all__ = ["Predictor", "paste_masks", "resized_shape", "to_model_image"]
+
 
 def _interp_matrix(lo: float, hi: float, start: int, stop: int, m: int, device, dtype) -> Tensor:
     """Bilinear weights [stop - start, m] sampling an m-cell 1-D mask spread over [lo, hi] at the pixel
@@ -59,17 +63,6 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], thres
     return out
 
 
-def resized_shape(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """Detectron2 ResizeShortestEdge: shortest edge to min_size, capped so the longest is <= max_size;
-    each side rounded as int(x + 0.5)."""
-    scale = min_size / min(h, w)
-    nh, nw = (min_size, scale * w) if h < w else (scale * h, min_size)
-    if max(nh, nw) > max_size:
-        s = max_size / max(nh, nw)
-        nh, nw = nh * s, nw * s
-    return int(nh + 0.5), int(nw + 0.5)
-
-
 def to_model_image(image, normalize: str = "dtype") -> Tensor:
     """numpy/tensor image -> float32 [3,H,W] in [0,1] RGB.
 
@@ -96,9 +89,10 @@ class Predictor:
     `boxes` float [N,4] xyxy, `labels` int64 [N] in 1..K, `scores` float [N] and `masks` bool [N,H0,W0], all at
     the ORIGINAL image size (H0, W0) and on the CPU.
 
-    images: a list of numpy arrays or tensors of any size (see `to_model_image`). Each is resized with its
-    shortest edge to `min_size_test` (longest capped at `max_size_test`; bilinear, antialiased when shrinking,
-    like PIL's resize used by detectron2), run through the model in eval mode, and the boxes scaled back.
+    images: a list of numpy arrays or tensors of any size (see `to_model_image`), or one of them. Each is
+    resized like the evaluation data (gains.transforms: shortest edge to `min_size_test`, longest capped at
+    `max_size_test`, bilinear with antialiasing like PIL's resize in detectron2), run through the model in
+    eval mode, and the boxes scaled back.
     """
 
     def __init__(self, model: torch.nn.Module, min_size_test: int = 800, max_size_test: int = 1333,
@@ -119,7 +113,7 @@ class Predictor:
             nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
             if (nh, nw) != (h0, w0):
                 x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                                  antialias=nh < h0 or nw < w0)[0].clamp(0, 1)
+                                  antialias=True)[0]
             det = self.model([x])[0]
             scale = torch.tensor([w0 / nw, h0 / nh, w0 / nw, h0 / nh], device=det["boxes"].device)
             boxes = det["boxes"] * scale

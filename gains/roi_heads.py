@@ -11,12 +11,67 @@ different level rule, so the pooler below is our own.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import batched_nms, box_iou, roi_align
+
+
+_POOL: ThreadPoolExecutor | None = None
+_MIN_ROIS_PER_THREAD = 32
+
+
+def _cpu_workers(num_rois: int) -> int:
+    return max(1, min(torch.get_num_threads(), num_rois // _MIN_ROIS_PER_THREAD, 8))
+
+
+def _run_parallel(fns: list) -> list:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gains-roi-align")
+    return [f.result() for f in [_POOL.submit(fn) for fn in fns]]
+
+
+class _ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision's CPU roi_align kernels are single-threaded and cost ~20 % of a CPU training step; they
+    release the GIL, so the forward runs on RoI chunks and the backward on channel chunks in threads. Same
+    kernels, same numbers (chunks never overlap, nothing is summed)."""
+
+    @staticmethod
+    def forward(ctx, feat, rois, spatial_scale, out_h, out_w, sampling_ratio, workers):
+        op = torch.ops.torchvision.roi_align
+        chunks = rois.tensor_split(workers)
+        ctx.save_for_backward(rois)
+        ctx.args = (feat.shape, spatial_scale, out_h, out_w, sampling_ratio, workers)
+        return torch.cat(_run_parallel([lambda r=r: op(feat, r, spatial_scale, out_h, out_w, sampling_ratio, True)
+                                        for r in chunks]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        (rois,) = ctx.saved_tensors
+        (b, c, h, w), spatial_scale, out_h, out_w, sampling_ratio, workers = ctx.args
+        op = torch.ops.torchvision._roi_align_backward
+        bounds = torch.linspace(0, c, workers + 1).round().long().tolist()
+        parts = _run_parallel([lambda c0=c0, c1=c1: op(grad[:, c0:c1].contiguous(), rois, spatial_scale, out_h,
+                                                       out_w, b, c1 - c0, h, w, sampling_ratio, True)
+                               for c0, c1 in zip(bounds[:-1], bounds[1:])])
+        return (torch.cat(parts, dim=1),) + (None,) * 6
+
+
+def aligned_roi_align(feat: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+                      sampling_ratio: int = 0) -> Tensor:
+    """`torchvision.ops.roi_align(..., aligned=True)`; feat [B,C,H,W] float, rois [R,5] (batch index, xyxy)
+    -> [R,C,h,w]. On CPU with several threads the single-threaded kernels run on chunks in parallel."""
+    workers = _cpu_workers(len(rois)) if feat.device.type == "cpu" else 1
+    if workers == 1 or torch.jit.is_scripting() or feat.dtype != rois.dtype:
+        return roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned=True)
+    return _ThreadedRoIAlign.apply(feat.contiguous(), rois.contiguous(), spatial_scale, output_size[0],
+                                   output_size[1], sampling_ratio, workers)
 
 
 def _boxes_to_rois(boxes: list[Tensor]) -> Tensor:
@@ -54,8 +109,8 @@ class ROIPooler(nn.Module):
         for level, (feat, scale) in enumerate(zip(features, self.scales)):
             idx = torch.where(levels == level)[0]
             if len(idx):
-                out[idx] = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
-                                     sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
+                out[idx] = aligned_roi_align(feat, rois[idx], self.output_size, scale,
+                                             self.sampling_ratio).to(out.dtype)
         return out
 
 
@@ -147,9 +202,7 @@ def crop_per_gt(maps: Tensor, boxes: Tensor, gt_index: Tensor, size: int) -> Ten
     if len(boxes) == 0:
         return boxes.new_zeros((0, size, size))
     rois = torch.cat([gt_index[:, None].to(boxes.dtype), boxes], dim=1)
-    src = maps[:, None] if maps.is_floating_point() else maps[:, None].to(boxes.dtype)
-    return roi_align(src.to(boxes.dtype), rois, (size, size), spatial_scale=1.0, sampling_ratio=0,
-                     aligned=True)[:, 0]
+    return aligned_roi_align(maps[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0)[:, 0]
 
 
 class RoIHeads(nn.Module):

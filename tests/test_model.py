@@ -18,8 +18,11 @@ from gains.backbone import ResNetFPN, build_resnet, load_resnet_weights
 from gains.config import load_config
 from gains.model import MODES, build_model
 from gains.predictor import Predictor, paste_masks, resized_shape
-from gains.roi_heads import assign_levels, crop_per_gt, mask_loss
+from gains.roi_heads import aligned_roi_align, assign_levels, crop_per_gt, mask_loss
 from gains.rpn import AnchorGenerator, rpn_losses
+
+# Most tests use frozen BN without weights on purpose (the fastest setting); its warning is tested once below.
+pytestmark = pytest.mark.filterwarnings("ignore:model.backbone.norm=frozen_bn")
 
 TINY = ["model.backbone.fpn_channels=32", "model.roi_heads.mask_conv_dim=16", "model.roi_heads.fc_dim=32",
         "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=64",
@@ -115,6 +118,15 @@ def test_mask_rcnn_needs_no_ga_and_gains_requires_it():
     for mode in ("reweight_only", "branch_only", "gains"):
         with pytest.raises(KeyError, match="image_id 1.*'ga'"):
             tiny_model(mode).train()([image], [target])
+
+
+def test_bad_labels_and_frozen_bn_from_scratch_are_reported():
+    image, target = make_sample(labels=[1, 3])
+    with pytest.raises(ValueError, match=r"image_id 1: labels must lie in 1..2"):
+        tiny_model("mask_rcnn").train()([image], [target])
+    cfg = load_config(None, TINY + ["model.backbone.depth=18"])
+    with pytest.warns(UserWarning, match="frozen_bn without model.backbone.weights"):
+        build_model(cfg)
 
 
 def test_inputs_are_not_modified():
@@ -288,6 +300,15 @@ def test_predictor_any_image_original_size():
         assert res["masks"].shape == (n, h, w) and res["masks"].dtype == torch.bool
         assert float(res["boxes"][:, 2].max()) <= w and float(res["boxes"][:, 3].max()) <= h
     assert not model.training
+    single = predictor(rgb8)  # one array is one image
+    assert len(single) == 1 and single[0]["masks"].shape[1:] == (50, 70)
+
+
+@pytest.mark.parametrize("norm", ["bn", "syncbn"])
+def test_trainable_norms(norm):
+    model = tiny_model("branch_only", 18, f"model.backbone.norm={norm}", "model.backbone.freeze_at=1").train()
+    image, target = make_sample()
+    assert_all_grads(model, model([image, make_sample(seed=2)[0]], [target, make_sample(seed=2)[1]]))
 
 
 @pytest.mark.slow
@@ -308,3 +329,21 @@ def test_overfits_two_tiny_images():
         opt.step()
         history.append(float(total.detach()))
     assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history
+
+
+def test_threaded_roi_align_matches_torchvision():
+    torch.manual_seed(0)
+    feat = torch.randn(2, 8, 20, 24, requires_grad=True)
+    xy = torch.rand(150, 2) * 60
+    rois = torch.cat([torch.randint(0, 2, (150, 1)).float(), xy, xy + torch.rand(150, 2) * 40 + 1], 1)
+    grad = torch.randn(150, 8, 7, 7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # forces 4 chunks whatever the machine
+    try:
+        got = aligned_roi_align(feat, rois, (7, 7), 0.25, 0)
+        (g_got,) = torch.autograd.grad(got, feat, grad)
+    finally:
+        torch.set_num_threads(threads)
+    ref = roi_align(feat, rois, (7, 7), 0.25, 0, aligned=True)
+    (g_ref,) = torch.autograd.grad(ref, feat, grad)
+    assert torch.equal(got, ref) and torch.allclose(g_got, g_ref, atol=1e-5)
