@@ -1,5 +1,6 @@
 """Train GAInS / Mask R-CNN.
 
+    python train.py                      # = configs/quickstart.yaml: synthetic data, CPU, a few minutes
     python train.py CONFIG [key=value ...] [--resume]
     torchrun --nproc_per_node=2 train.py CONFIG [key=value ...] [--resume]
 
@@ -17,14 +18,21 @@ from gains import dist
 from gains.checkpoint import CheckpointError
 from gains.config import ConfigError, load_config
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML config, e.g. configs/isbi_r50.yaml")
+    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                        help="YAML config, e.g. configs/isbi_r50.yaml (default: configs/quickstart.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--resume", action="store_true",
                         help="continue from output_dir/last_checkpoint (starts fresh when there is none)")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if "=" in args.config and not args.config.endswith((".yaml", ".yml")):  # `train.py key=value` alone
+        args.overrides.insert(0, args.config)
+        args.config = DEFAULT_CONFIG
+    return args
 
 
 def main(argv=None) -> int:

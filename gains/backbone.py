@@ -14,6 +14,7 @@ Weights are read only from a local file; nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+logger = logging.getLogger(__name__)
 
 RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
                  50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
@@ -89,25 +92,27 @@ def _unwrap_state_dict(obj) -> dict:
 
 
 def load_resnet_weights(net: ResNet, path: str | Path) -> None:
-    """Copy ImageNet weights from a local torchvision ResNet state dict (`.pth`) into `net`, in place.
+    """Copy ImageNet weights from a local file into `net`, in place: a torchvision ResNet state dict
+    (`.pth`), or an MSRA caffe2 / detectron2 `.pkl` (detectron2's `R-50.pkl`, `R-101.pkl`; names converted
+    by gains/convert_d2.py, BN statistics set to mean 0 / var 1 where the file has none).
 
     Errors name every missing or shape-mismatched parameter; unknown keys (other than the classifier
     `fc.*` and, with GroupNorm, BN running statistics) are reported in a warning.
     """
     path = Path(path)
-    if path.suffix == ".pkl":
-        raise NotImplementedError(
-            f"{path}: MSRA/detectron2 .pkl weights are not supported yet (a converter to a torchvision "
-            "state dict is planned in gains/checkpoint.py); use a torchvision ResNet .pth state dict")
     if not path.is_file():
         raise FileNotFoundError(
             f"backbone weights not found: {path}. Nothing is downloaded: save an ImageNet ResNet state dict "
             "there (e.g. `torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
-            f"'{path}')` on a machine with internet), or set model.backbone.weights=null to train from scratch")
-    try:
-        state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+            f"'{path}')` on a machine with internet, or detectron2's MSRA R-50.pkl / R-101.pkl), or set "
+            "model.backbone.weights=null to train from scratch")
+    if path.suffix == ".pkl":
+        state = _read_pkl_weights(net, path)
+    else:
+        try:
+            state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     own = net.state_dict()
     # group by module ("layer1.2.bn1" rather than its 4 tensors) so the message stays readable
     missing = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in own
@@ -126,6 +131,21 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
         for k, v in own.items():
             if k in state:
                 v.copy_(state[k].to(v.dtype))
+
+
+def _read_pkl_weights(net: ResNet, path: Path) -> dict:
+    """MSRA caffe2 / detectron2 pickle -> torchvision names; ignored blobs are logged, not dropped silently."""
+    from gains.convert_d2 import read_foreign_weights, resnet_state_from_foreign
+
+    state, report = resnet_state_from_foreign(read_foreign_weights(path)[0])
+    logger.info("%s: %s", path, report.describe())
+    if report.unknown:
+        warnings.warn(f"{path}: ignored {len(report.unknown)} unknown keys: {report.unknown[:20]}")
+    stride_in_3x3 = hasattr(net.layer2[0], "conv3") and net.layer2[0].conv1.stride == (1, 1)
+    if report.source_format == "caffe2" and stride_in_3x3:
+        warnings.warn(f"{path}: MSRA weights were trained with the stride in the 1x1 conv; this ResNet has it "
+                      "in the 3x3 conv (model.backbone.stride_in_1x1=false), so its features will be off")
+    return state
 
 
 class ResNetFPN(nn.Module):

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, exact resume, weights for fine-tuning (and, later, foreign-format converters).
+"""Checkpoints: atomic save, exact resume, weights for fine-tuning, import of detectron2/MSRA weights.
 
 A training checkpoint (`model_{iter:07d}.pth`, `model_final.pth` in the run's output_dir) is one dict:
 
@@ -17,6 +17,13 @@ Everything in it is a tensor or a plain Python container, so `torch.load(weights
 (no arbitrary pickles are executed when loading a checkpoint someone sent you). `last_checkpoint` beside
 the checkpoints holds the file name of the newest one; both are replaced atomically (tmp file + os.replace),
 so a crash or a full disk during a save leaves the previous files intact.
+
+The authors' detectron2 checkpoints are converted once into this format (key map: gains/convert_d2.py):
+
+    python -m gains.checkpoint convert model_final.pth gains_isbi_r50.pth --config configs/isbi_r50.yaml
+    python -m gains.checkpoint inspect model_final.pth      # format and the config values it implies
+
+`init_weights` (fine-tuning) also accepts detectron2 checkpoints and MSRA `.pkl` files directly.
 """
 from __future__ import annotations
 
@@ -168,24 +175,46 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".pkl":
-        # detectron2/MSRA pickles need a key converter (planned: `convert_detectron2`); refuse clearly now.
-        raise CheckpointError(f"{path}: detectron2/MSRA .pkl checkpoints are not supported here yet; backbone "
-                              f"ImageNet weights go in model.backbone.weights instead")
+    if path.suffix == ".pkl":  # detectron2 model-zoo / MSRA caffe2 pickles of numpy arrays (read safely)
+        from gains.convert_d2 import read_foreign_weights
+        state, meta = read_foreign_weights(path)
+        return {**meta, "model": state}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
-def _model_state_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The model state dict inside a loaded file: our checkpoint, {'model': sd}, or a bare state dict."""
+def _model_state_from(obj: Any, path: Path, convert_foreign: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded file: our checkpoint, {'model': sd}, or a bare state dict.
+
+    detectron2 / MSRA names are converted (with the conversion report logged) when `convert_foreign`, and
+    refused with the command that converts them otherwise."""
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if isinstance(sd, dict) and sd:
+        from gains.convert_d2 import weights_format
+        fmt = weights_format(sd)
+        if fmt in ("detectron2", "caffe2"):
+            if not convert_foreign:
+                raise CheckpointError(f"{path} is a {fmt} checkpoint: convert it first with `python -m "
+                                      f"gains.checkpoint convert {path} OUT.pth --config CONFIG`")
+            sd = _convert_foreign(sd, fmt, path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: no model state dict found (expected a gains checkpoint, a dict with "
                               f"a 'model' state dict, or a bare state dict of tensors)")
     if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model by other code
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _convert_foreign(sd: dict, fmt: str, path: Path) -> dict[str, torch.Tensor]:
+    from gains.convert_d2 import convert_detectron2_state_dict, resnet_state_from_foreign
+    if fmt == "caffe2":
+        body, report = resnet_state_from_foreign(sd)
+        sd = {"backbone.body." + k: v for k, v in body.items()}
+    else:
+        sd, report = convert_detectron2_state_dict(sd, strict=False)
+    logger.warning("%s: converted from %s names:\n%s", path, fmt, report.describe())
     return sd
 
 
@@ -284,12 +313,14 @@ def load_weights_for_finetune(model: nn.Module, path: str | os.PathLike) -> Load
     """Initialise `model` from another run's weights, loading every key whose name and shape match.
 
     Typical use: start from a model trained on another data set, where the class-specific predictors have
-    a different number of classes. Missing, unexpected and shape-mismatched keys are skipped and logged by
-    name (a warning), and returned in the LoadReport. Nothing of the optimizer/iteration is taken. Raises
+    a different number of classes. detectron2 checkpoints (the authors' released models) and MSRA `.pkl`
+    ImageNet weights are converted on the fly (gains/convert_d2.py; the conversion report is logged).
+    Missing, unexpected and shape-mismatched keys are skipped and logged by name (a warning), and returned
+    in the LoadReport. Nothing of the optimizer/iteration is taken. Raises
     CheckpointError when not a single tensor fits (almost certainly the wrong file or architecture).
     """
     path = Path(path)
-    ckpt_sd = _model_state_from(read_checkpoint(path), path)
+    ckpt_sd = _model_state_from(read_checkpoint(path), path, convert_foreign=True)
     bare = unwrap_model(model)
     report = compare_state_dicts(bare.state_dict(), ckpt_sd)
     if not report.loaded:
@@ -300,3 +331,59 @@ def load_weights_for_finetune(model: nn.Module, path: str | os.PathLike) -> Load
     else:
         logger.info("fine-tuning from %s: all %d tensors loaded", path, len(report.loaded))
     return report
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gains.checkpoint convert SRC DST --config CONFIG [key=value ...]` and `inspect SRC`."""
+    import argparse
+    import sys
+
+    from gains.config import ConfigError, load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("convert", "inspect")
+    p = argparse.ArgumentParser(prog="python -m gains.checkpoint", description=(
+        "convert SRC DST --config CONFIG: a detectron2 GAInS / Mask R-CNN checkpoint (.pth or .pkl) -> gains "
+        "checkpoint (evaluate.py --ckpt DST). inspect SRC: the format of a weights file and the config "
+        "values it implies. Key map and conventions: gains/convert_d2.py."))
+    p.add_argument("command", choices=commands)
+    if not argv or argv[0] not in commands:
+        p.print_usage(sys.stderr) if argv and argv[0] not in ("-h", "--help") else p.print_help()
+        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+    p.add_argument("src", help="detectron2 checkpoint (model_final.pth / .pkl)")
+    if argv[0] == "convert":
+        p.add_argument("dst", help="gains checkpoint to write")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--config", required=True, help="YAML config describing the model (e.g. configs/isbi_r50.yaml)")
+        p.add_argument("--allow-partial", action="store_true",
+                       help="convert despite unknown/missing/mis-shaped keys (all reported by name)")
+        p.add_argument("--allow-config-mismatch", action="store_true",
+                       help="convert although the config's input format / mean / std / stride / norm differ "
+                            "from detectron2's (the numbers will not match the authors')")
+    args = p.parse_intermixed_args(argv)
+    from gains.convert_d2 import convert_checkpoint, describe_file
+    try:
+        if args.command == "inspect":
+            print(describe_file(args.src))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        report, notes = convert_checkpoint(args.src, args.dst, cfg, allow_partial=args.allow_partial,
+                                           allow_config_mismatch=args.allow_config_mismatch)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.describe())
+    print("\n".join(notes))
+    print(f"wrote {args.dst}; evaluate it with: python evaluate.py --ckpt {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":  # run through the importable module so exception classes are the library's
+    import sys
+
+    from gains.checkpoint import main as _main
+    sys.exit(_main())

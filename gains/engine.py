@@ -346,7 +346,9 @@ def run_evaluation(model: nn.Module, cfg, split: str, output_dir: Path) -> dict 
             results = evaluation.evaluate_model(bare, cfg, split, str(output_dir))
     finally:
         bare.train(was_training)
-    logger.info("evaluation on %s: %s", split, results)
+    if results:  # the full table was printed by the evaluator; metrics.json holds everything
+        logger.info("evaluation on %s: mAP %.2f, AJI %.4f -> %s/metrics.json", split,
+                    results.get("mAP") or 0.0, results.get("aji") or 0.0, output_dir)
     return results
 
 

@@ -162,8 +162,8 @@ def test_eval_outputs():
 def test_weights_missing_file_and_pkl(tmp_path):
     with pytest.raises(FileNotFoundError, match="backbone weights not found.*resnet50.pth"):
         ResNetFPN(50, weights=str(tmp_path / "resnet50.pth"))
-    with pytest.raises(NotImplementedError, match="pkl"):
-        ResNetFPN(50, weights=str(tmp_path / "R-50.pkl"))
+    with pytest.raises(FileNotFoundError, match="backbone weights not found.*R-50.pkl"):
+        ResNetFPN(50, weights=str(tmp_path / "R-50.pkl"))  # .pkl files load (tests/test_convert_d2.py)
 
 
 def test_load_torchvision_state_dict(tmp_path):

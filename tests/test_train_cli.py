@@ -59,6 +59,15 @@ def test_config_overrides_and_resume_reach_the_engine(monkeypatch):
     assert (seen["cfg"].solver.max_iter, seen["cfg"].solver.base_lr, seen["cfg"].output_dir) == (5, 0.02, "runs/x")
 
 
+def test_no_config_means_the_quickstart(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda cfg, resume: seen.update(cfg=cfg))
+    assert train_cli.main([]) == 0
+    assert seen["cfg"].data.synthetic is True and seen["cfg"].model.backbone.depth == 18
+    assert train_cli.main(["solver.max_iter=3"]) == 0  # overrides alone still mean the quickstart
+    assert seen["cfg"].solver.max_iter == 3 and seen["cfg"].output_dir == "runs/quickstart"
+
+
 def test_training_errors_print_a_message_and_exit_nonzero(monkeypatch, capsys):
     def diverge(cfg, resume):
         raise FloatingPointError("non-finite loss at iteration 7: loss_mask")

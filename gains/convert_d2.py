@@ -1,0 +1,452 @@
+"""Import detectron2 checkpoints (the authors' released GAInS models, plain Mask R-CNN) and MSRA ImageNet
+weights (caffe2 `R-50.pkl` / `R-101.pkl`) into this project's parameter names, without detectron2.
+
+detectron2 -> gains (`s` stage 2..5, `i` block, `j` conv, `n` 1..4, `l` level 2..5; `.norm.*` / `.bn*.*` are
+FrozenBatchNorm2d weight, bias, running_mean, running_var in both, eps 1e-5):
+```
+backbone.bottom_up.stem.conv1.{weight,norm.*}      backbone.body.conv1.weight, backbone.body.bn1.*
+backbone.bottom_up.res{s}.{i}.conv{j}.{weight,norm.*}     backbone.body.layer{s-1}.{i}.conv{j}.weight, .bn{j}.*
+backbone.bottom_up.res{s}.0.shortcut.{weight,norm.*}      backbone.body.layer{s-1}.0.downsample.{0.weight,1.*}
+backbone.fpn_lateral{l}.*, backbone.fpn_output{l}.*        backbone.fpn.inner_blocks.{l-2}.0.*, .layer_blocks.{l-2}.0.*
+proposal_generator.rpn_head.{conv,objectness_logits,anchor_deltas}.*    rpn.head.{conv,objectness,deltas}.*
+roi_heads.box_head.fc{1,2}.*                       roi_heads.box_head.fc{1,2}.*
+roi_heads.box_predictor.cls_score.* (K+1, bg LAST)  roi_heads.box_head.cls_score.* (bg FIRST: rows [K, 0..K-1])
+roi_heads.box_predictor.bbox_pred.* (4K, no bg)     roi_heads.box_head.bbox_pred.* (same class order, copied)
+roi_heads.double_branch_mask_head.abn_fcn{n}.*     roi_heads.mask_head.convs.{2n-2}.*
+  (plain Mask R-CNN: roi_heads.mask_head.mask_fcn{n}.*)
+roi_heads.double_branch_mask_head.{deconv,predictor}.*  roi_heads.mask_head.{deconv,predictor}.*  (plain: same)
+roi_heads.double_branch_anomaly_head.abn_fcn{n}.*  roi_heads.alrm.branch.convs.{2n-2}.*
+roi_heads.double_branch_anomaly_head.{deconv,predictor}.*  roi_heads.alrm.branch.{deconv,predictor}.*
+roi_heads.branch_guidance_conv_anomaly_layer2.*    roi_heads.alrm.guidance.*  (the last layer: the live one)
+```
+Ignored by name with a reason: dead guidance layers 0, 1 (GAINS_METHOD.md §7.4), `pixel_mean`/`pixel_std` and
+`cell_anchors` buffers (compared with the config by `convert_checkpoint`), `num_batches_tracked`. Config, not
+tensors: BGR, pixel mean [103.53, 116.28, 123.675] / std 1, stride in the 1x1 conv, frozen BN; detectron2's
+anchors (not rounded, offset 0) are what gains.rpn builds.
+MSRA caffe2 -> torchvision ResNet: `conv1_w`, `res_conv1_bn_{s,b}` -> conv1.weight, bn1.{weight,bias};
+`res{s}_{i}_branch{2a,2b,2c,1}_w` -> layer{s-1}.{i}.{conv1,conv2,conv3,downsample.0}.weight; `..._bn_{s,b,rm,riv}`
+-> {bn1,bn2,bn3,downsample.1}.{weight,bias,running_mean,running_var} (detectron2's c2 map); `fc1000_*`,
+`*_momentum` ignored by name. MSRA BN is a folded affine without statistics: mean 0 / var 1 are filled in.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import json
+import math
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gains.backbone import RESNET_LAYERS, ResNetFPN
+from gains.checkpoint import CheckpointError, _names, make_checkpoint, save_checkpoint
+from gains.rpn import AnchorGenerator
+
+NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
+MSRA_PIXEL_MEAN, MSRA_PIXEL_STD = [103.53, 116.28, 123.675], [1.0, 1.0, 1.0]
+D2_RESNET = "backbone.bottom_up."
+GUIDANCE = re.compile(r"^roi_heads\.branch_guidance_conv_anomaly_layer(\d+)\.")
+DOUBLE_MASK, PLAIN_MASK = "roi_heads.double_branch_mask_head.", "roi_heads.mask_head."
+ANOMALY = "roi_heads.double_branch_anomaly_head."
+IGNORE_RULES = [
+    (re.compile(r"^pixel_(mean|std)$"), "input normalisation: config model.pixel_mean / model.pixel_std"),
+    (re.compile(r"^proposal_generator\.anchor_generator\.cell_anchors\.\d+$"),
+     "anchors are rebuilt from model.rpn.anchor_sizes / aspect_ratios"),
+    (re.compile(r"\.num_batches_tracked$"), "BatchNorm step counter (frozen BN has none)")]
+CAFFE2_IGNORE = [(re.compile(r"^fc1000_[wb]$"), "ImageNet classifier, unused by detection"),
+                 (re.compile(r"_momentum$"), "SGD momentum blob")]
+
+
+class ConversionError(CheckpointError):
+    """A foreign checkpoint does not convert cleanly; the message names every offending key."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays and nothing else (a .pkl from the internet runs no code)."""
+
+    SAFE = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+            ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+            ("numpy.core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        module = module.replace("numpy._core", "numpy.core")
+        if (module, name) not in self.SAFE:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays are read)")
+        if module.startswith("numpy.core."):  # numpy 2 moved numpy.core to numpy._core; pickles name either
+            for mod in (module.replace("numpy.core", "numpy._core"), module):
+                with contextlib.suppress(ImportError):
+                    return getattr(importlib.import_module(mod), name)
+        return super().find_class(module, name)
+
+
+def read_foreign_weights(path: str | Path) -> tuple[dict, dict]:
+    """(state: name -> tensor (other values kept; converters ignore them by name), meta: `iteration` etc.)
+    of a detectron2 `.pth`/`.pkl` or MSRA `.pkl`; `.pth` via torch.load(weights_only=True), `.pkl` via an
+    unpickler that only builds numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as f:
+                obj = _NumpyUnpickler(f, encoding="latin1").load()
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    meta = {}
+    if isinstance(obj, dict):
+        meta = {k: obj[k] for k in ("iteration", "__author__", "matching_heuristics") if k in obj}
+        obj = next((obj[k] for k in ("model", "blobs") if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a dict of weights (detectron2 {{'model': ...}}, caffe2 "
+                              f"{{'blobs': ...}} or a flat dict), got {type(obj).__name__}")
+    return {str(k): torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in obj.items()}, meta
+
+
+def weights_format(state: dict) -> str:
+    """'detectron2', 'caffe2' (MSRA names), 'gains' or 'unknown', judged from the key names."""
+    if any(k.startswith((D2_RESNET, "stem.conv1.", "module.backbone.bottom_up.")) for k in state):
+        return "detectron2"
+    if "conv1_w" in state or any(re.match(r"res\d_\d+_branch", k) for k in state):
+        return "caffe2"
+    return "gains" if any(k.startswith("backbone.body.") for k in state) else "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- the map
+def _resnet_modules(depth: int) -> list[tuple[str, str, str]]:
+    """(detectron2 conv module, our conv, our norm) for every conv of the ResNet trunk."""
+    block, layers = RESNET_LAYERS[depth]
+    bottleneck = block.__name__ == "Bottleneck"
+    out = [(f"{D2_RESNET}stem.conv1", "backbone.body.conv1", "backbone.body.bn1")]
+    for s, n in enumerate(layers):
+        for i in range(n):
+            a, b = f"{D2_RESNET}res{s + 2}.{i}.", f"backbone.body.layer{s + 1}.{i}."
+            out += [(f"{a}conv{j}", f"{b}conv{j}", f"{b}bn{j}") for j in range(1, 4 if bottleneck else 3)]
+            if i == 0 and (bottleneck or s > 0):  # detectron2 has a shortcut conv iff the channels change
+                out.append((f"{a}shortcut", f"{b}downsample.0", f"{b}downsample.1"))
+    return out
+
+
+def _wb(src: str, dst: str) -> dict[str, str]:
+    return {f"{src}.weight": f"{dst}.weight", f"{src}.bias": f"{dst}.bias"}
+
+
+def _head(src: str, conv: str, dst: str) -> dict[str, str]:
+    pairs = [(f"{conv}{n}", f"convs.{2 * n - 2}") for n in range(1, 5)] + [("deconv",) * 2, ("predictor",) * 2]
+    return {k: v for a, b in pairs for k, v in _wb(src + a, dst + b).items()}
+
+
+def detectron2_key_map(depth: int, mask_head: str = "double", anomaly: bool = True,
+                       guidance: int | None = 2) -> dict[str, str]:
+    """detectron2 name -> our name for a model of this structure (`mask_head`: 'double' = the authors'
+    double_branch_mask_head, 'plain' = detectron2's mask_head; `guidance`: index of the live guidance layer)."""
+    m: dict[str, str] = {}
+    for d2, conv, norm in _resnet_modules(depth):
+        m[f"{d2}.weight"] = f"{conv}.weight"
+        m.update({f"{d2}.norm.{p}": f"{norm}.{p}" for p in NORM_PARAMS})
+    for level in range(2, 6):
+        m.update(_wb(f"backbone.fpn_lateral{level}", f"backbone.fpn.inner_blocks.{level - 2}.0"))
+        m.update(_wb(f"backbone.fpn_output{level}", f"backbone.fpn.layer_blocks.{level - 2}.0"))
+    for d2, ours in (("conv", "conv"), ("objectness_logits", "objectness"), ("anchor_deltas", "deltas")):
+        m.update(_wb(f"proposal_generator.rpn_head.{d2}", f"rpn.head.{ours}"))
+    for d2 in ("box_head.fc1", "box_head.fc2", "box_predictor.cls_score", "box_predictor.bbox_pred"):
+        m.update(_wb(f"roi_heads.{d2}", "roi_heads.box_head." + d2.split(".")[1]))
+    double = mask_head == "double"
+    m.update(_head(DOUBLE_MASK if double else PLAIN_MASK, "abn_fcn" if double else "mask_fcn", "roi_heads.mask_head."))
+    if anomaly:
+        m.update(_head(ANOMALY, "abn_fcn", "roi_heads.alrm.branch."))
+        m.update(_wb(f"roi_heads.branch_guidance_conv_anomaly_layer{guidance}", "roi_heads.alrm.guidance"))
+    return m
+
+
+def _normalise_names(state: dict) -> dict:
+    """Drop DDP `module.` prefixes; backbone-only detectron2 files (`stem.*`, `res2.*`, e.g. torchvision
+    weights converted for detectron2) get the `backbone.bottom_up.` prefix of a full model."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if not any(k.startswith(D2_RESNET) for k in state):
+        state = {(D2_RESNET + k if re.match(r"(stem|res[2-5])\.", k) else k): v for k, v in state.items()}
+    return state
+
+
+def inspect_detectron2(state: dict) -> dict:
+    """Structure of a (normalised) detectron2 state dict: `depth`, `mask_head` ('double'/'plain'/None),
+    `anomaly`, `guidance` (live layer index or None), `dead_guidance`, `num_anchors`, and `config`: the config
+    values the tensors determine (dotted key -> value)."""
+    keys = list(state)
+    counts = tuple(len({k.split(".")[3] for k in keys if k.startswith(f"{D2_RESNET}res{s}.")}) for s in range(2, 6))
+    bottleneck = any(re.match(r"backbone\.bottom_up\.res\d\.\d+\.conv3\.", k) for k in keys)
+    depth = next((d for d, (b, layers) in RESNET_LAYERS.items()
+                  if tuple(layers) == counts and (b.__name__ == "Bottleneck") == bottleneck), None)
+    if depth is None:
+        raise ConversionError(f"the ResNet trunk has {counts} blocks in res2..res5 (bottleneck={bottleneck}), "
+                              f"which is none of the depths {sorted(RESNET_LAYERS)}")
+    mask_head = "double" if any(k.startswith(DOUBLE_MASK) for k in keys) else \
+        "plain" if any(k.startswith(PLAIN_MASK) for k in keys) else None
+    anomaly = any(k.startswith(ANOMALY) for k in keys)
+    layers = sorted({int(GUIDANCE.match(k).group(1)) for k in keys if GUIDANCE.match(k)})
+
+    def dim(name, d=0):
+        return int(state[name].shape[d]) if torch.is_tensor(state.get(name)) and state[name].dim() > d else None
+    k1, fpn = dim("roi_heads.box_predictor.cls_score.weight"), dim("backbone.fpn_output2.weight")
+    fc_in = dim("roi_heads.box_head.fc1.weight", 1)
+    res = math.isqrt(fc_in // fpn) if fc_in and fpn else None
+    values = {"model.backbone.depth": depth, "model.mode": "gains" if anomaly else "mask_rcnn",
+              "model.num_classes": k1 - 1 if k1 else None, "model.backbone.fpn_channels": fpn,
+              "model.roi_heads.fc_dim": dim("roi_heads.box_head.fc1.weight"),
+              "model.roi_heads.mask_conv_dim": dim(f"{DOUBLE_MASK}abn_fcn1.weight" if mask_head == "double"
+                                                   else f"{PLAIN_MASK}mask_fcn1.weight"),
+              "model.roi_heads.box_pooler_resolution": res if res and res * res * fpn == fc_in else None}
+    return {"depth": depth, "mask_head": mask_head, "anomaly": anomaly, "guidance": layers[-1] if layers else None,
+            "dead_guidance": layers[:-1], "num_anchors": dim("proposal_generator.rpn_head.objectness_logits.weight"),
+            "config": {k: v for k, v in values.items() if v is not None}}
+
+
+# ----------------------------------------------------------------------------------------------- converting
+@dataclass
+class ConversionReport:
+    """Every source key's fate: mapped (source, ours), ignored (source, reason), unknown, missing (source,
+    ours), shape_mismatched (descriptions), filled (ours, set to BN defaults by rule), not_covered (keys of
+    the target model that nothing maps to)."""
+
+    source_format: str
+    mapped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    shape_mismatched: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    not_covered: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:  # what makes a strict conversion fail
+        named = [("unknown keys", self.unknown), ("missing keys", [f"{a} (-> {b})" for a, b in self.missing]),
+                 ("shape mismatches", self.shape_mismatched), ("model keys nothing maps to", self.not_covered)]
+        return [f"{what} ({len(keys)}): {_names(keys)}" for what, keys in named if keys]
+
+    def describe(self) -> str:
+        lines = [f"{len(self.mapped)} tensors mapped from {self.source_format} names"]
+        for reason in dict.fromkeys(r for _, r in self.ignored):
+            names = [k for k, r in self.ignored if r == reason]
+            lines.append(f"ignored ({reason}), {len(names)}: {_names(names)}")
+        if self.filled:
+            lines.append(f"BN statistics absent from the file, set to mean 0 / var 1 ({len(self.filled)}): "
+                         f"{_names(self.filled)}")
+        return "\n".join(lines + self.problems)
+
+
+def _ignore_reason(name: str, value, rules) -> str | None:
+    if not isinstance(value, torch.Tensor):
+        return f"not a tensor ({type(value).__name__})"
+    return next((reason for rx, reason in rules if rx.search(name)), None)
+
+
+def _rename_all(state: dict, rules, rename, fmt: str) -> tuple[dict, ConversionReport]:
+    """Rename every key (`rename` -> our name, or None = unknown) unless a rule ignores it; then give norm
+    layers without running statistics (MSRA weights, FrozenBN v1 checkpoints) mean 0 / var 1."""
+    report, out = ConversionReport(fmt), {}
+    for name, value in state.items():
+        reason = _ignore_reason(name, value, rules)
+        ours = rename(name) if reason is None else None
+        if reason is not None:
+            report.ignored.append((name, reason))
+        elif ours is None:
+            report.unknown.append(name)
+        else:
+            out[ours] = value.detach().clone()
+            report.mapped.append((name, ours))
+    for key in [k[:-len("weight")] for k, v in out.items() if k.endswith(".weight") and v.dim() == 1]:
+        for stat, fill in (("running_mean", torch.zeros_like), ("running_var", torch.ones_like)):
+            if key + stat not in out:  # only norm layers have 1-d weights
+                out[key + stat] = fill(out[key + "weight"])
+                report.filled.append(key + stat)
+    return out, report
+
+
+def convert_detectron2_state_dict(d2_state: dict, *, num_classes: int | None = None, mode: str | None = None,
+                                  reference: dict | None = None, strict: bool = True
+                                  ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """detectron2 GeneralizedRCNN state dict (the authors' GAInS or plain Mask R-CNN) -> our state dict.
+
+    `num_classes` / `mode`, when given, must agree with the tensors (K = cls_score rows - 1; an anomaly head
+    means mode gains/branch_only), else ConversionError names the config key to set. `reference` (our model's
+    state_dict) adds a shape check of every tensor, a dtype cast and a completeness check. With `strict`, any
+    unknown, missing or mis-shaped key raises ConversionError naming them all; otherwise they are in the
+    report and the dict holds what converted. cls_score rows go from background-last to background-first.
+    """
+    state = _normalise_names(d2_state)
+    info = inspect_detectron2(state)
+    implied = info["config"]
+    if num_classes is not None and implied.get("model.num_classes", num_classes) != num_classes:
+        raise ConversionError(f"the checkpoint has {implied['model.num_classes']} classes (cls_score rows - 1) but "
+                              f"the config says {num_classes}: set model.num_classes={implied['model.num_classes']}")
+    if mode is not None and (mode in ("gains", "branch_only")) != info["anomaly"]:
+        raise ConversionError(f"the checkpoint {'has an' if info['anomaly'] else 'has no'} anomaly branch but the "
+                              f"config says model.mode={mode}: set model.mode={implied['model.mode']}")
+    kmap = detectron2_key_map(info["depth"], info["mask_head"] or "double", info["anomaly"], info["guidance"])
+    rules = IGNORE_RULES + [(re.compile(rf"^roi_heads\.branch_guidance_conv_anomaly_layer{i}\."),
+                             f"dead guidance layer; the live one is layer{info['guidance']} (GAINS_METHOD.md §7.4)")
+                            for i in info["dead_guidance"]]
+    out, report = _rename_all(state, rules, kmap.get, "detectron2")
+    for key in ("roi_heads.box_head.cls_score.weight", "roi_heads.box_head.cls_score.bias"):
+        if key in out:  # background: detectron2's last row, our first
+            out[key] = torch.cat([out[key][-1:], out[key][:-1]])
+    report.missing = [(d2, ours) for d2, ours in kmap.items() if ours not in out]
+    if reference is not None:
+        for k, v in list(out.items()):
+            ref = reference.get(k)
+            if ref is None or tuple(v.shape) != tuple(ref.shape):
+                theirs = f"model {tuple(ref.shape)}" if ref is not None else "not in the model"
+                report.shape_mismatched.append(f"{next((a for a, b in report.mapped if b == k), k)}: "
+                                               f"file {tuple(v.shape)} vs {theirs}")
+                del out[k]
+            else:
+                out[k] = v.to(ref.dtype)
+        covered = set(out) | {b for _, b in report.missing} | {b for _, b in report.mapped}
+        report.not_covered = [k for k in reference if k not in covered and not k.endswith("num_batches_tracked")]
+    if strict and report.problems:
+        raise ConversionError("the detectron2 checkpoint does not convert cleanly:\n" + "\n".join(report.problems))
+    return out, report
+
+
+_CAFFE2_BRANCH = {"2a": ("conv1", "bn1"), "2b": ("conv2", "bn2"), "2c": ("conv3", "bn3"),
+                  "1": ("downsample.0", "downsample.1")}
+_CAFFE2_BN = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
+
+
+def caffe2_resnet_name(name: str) -> str | None:
+    """MSRA caffe2 blob name -> torchvision ResNet name (no prefix), or None when it is not a trunk blob."""
+    if name == "conv1_w":
+        return "conv1.weight"
+    m = re.fullmatch(r"res_conv1_bn_(s|b|rm|riv)", name)
+    if m:
+        return f"bn1.{_CAFFE2_BN[m.group(1)]}"
+    m = re.fullmatch(r"res([2-5])_(\d+)_branch(1|2[abc])_(w|bn_s|bn_b|bn_rm|bn_riv)", name)
+    if not m:
+        return None
+    stage, block, branch, what = m.groups()
+    conv, norm = _CAFFE2_BRANCH[branch]
+    prefix = f"layer{int(stage) - 1}.{int(block)}."
+    return prefix + (f"{conv}.weight" if what == "w" else f"{norm}.{_CAFFE2_BN[what[3:]]}")
+
+
+def resnet_state_from_foreign(state: dict) -> tuple[dict, ConversionReport]:
+    """MSRA caffe2 or detectron2 weights -> torchvision ResNet trunk state dict (names of
+    `gains.backbone.build_resnet`), BN statistics filled (mean 0, var 1) where the file has none. For
+    detectron2 files everything outside `backbone.bottom_up` is ignored by name."""
+    fmt = weights_format(state)
+    if fmt == "caffe2":
+        return _rename_all(state, CAFFE2_IGNORE, caffe2_resnet_name, fmt)
+    if fmt != "detectron2":
+        raise ConversionError(f"neither MSRA caffe2 nor detectron2 names (first keys: {_names(list(state)[:5])})")
+    state = _normalise_names(state)
+    kmap = {d2: ours[len("backbone.body."):] for d2, ours in
+            detectron2_key_map(inspect_detectron2(state)["depth"], anomaly=False).items()
+            if ours.startswith("backbone.body.")}
+    rules = IGNORE_RULES + [(re.compile(rf"^(?!{re.escape(D2_RESNET)})"), "not part of the ResNet trunk")]
+    return _rename_all(state, rules, kmap.get, fmt)
+
+
+# ----------------------------------------------------------------------------------------------- whole files
+def check_config(cfg, info: dict, state: dict) -> tuple[list[str], list[str]]:
+    """(structural, numerics): `key=value (config: current)` settings the config needs to hold this
+    checkpoint, and to reproduce detectron2's numbers (BGR, MSRA mean/std or the file's own pixel_mean /
+    pixel_std, stride in the 1x1 conv, frozen BN)."""
+    def get(dotted):
+        return functools.reduce(lambda node, part: node[part], dotted.split("."), cfg)
+    family = {"gains": "gains", "branch_only": "gains"}  # modes with the anomaly branch
+    structural = [f"{k}={v} (config: {get(k)!r})" for k, v in info["config"].items()
+                  if (family.get(get(k), "mask_rcnn") != v if k == "model.mode" else get(k) != v)]
+    if info["num_anchors"] and info["num_anchors"] != len(cfg.model.rpn.aspect_ratios):
+        structural.append(f"model.rpn.aspect_ratios with {info['num_anchors']} ratios "
+                          f"(config: {list(cfg.model.rpn.aspect_ratios)})")
+    mean, std = (state.get(k) for k in ("pixel_mean", "pixel_std"))
+    want = {"model.input_format": "BGR", "model.backbone.stride_in_1x1": True, "model.backbone.norm": "frozen_bn",
+            "model.pixel_mean": [round(v, 4) for v in mean.flatten().tolist()] if mean is not None else MSRA_PIXEL_MEAN,
+            "model.pixel_std": [round(v, 4) for v in std.flatten().tolist()] if std is not None else MSRA_PIXEL_STD}
+    numerics = [f"{k}={json.dumps(v)} (config: {get(k)!r})" for k, v in want.items() if get(k) != v and not (
+        isinstance(v, list) and len(v) == len(get(k)) and all(abs(float(a) - b) < 1e-3 for a, b in zip(get(k), v)))]
+    cells = AnchorGenerator(cfg.model.rpn.anchor_sizes, cfg.model.rpn.aspect_ratios, ResNetFPN.strides).cell_anchors
+    for i, ours in enumerate(cells):  # detectron2's stored anchors, when the file has them
+        theirs = state.get(f"proposal_generator.anchor_generator.cell_anchors.{i}")
+        if torch.is_tensor(theirs) and not (theirs.shape == ours.shape and torch.allclose(theirs.double(), ours,
+                                                                                           atol=1e-2)):
+            numerics.append(f"model.rpn.anchor_sizes / aspect_ratios giving the level-{i} anchors {theirs.tolist()} "
+                            f"(config gives {ours.tolist()})")
+    return structural, numerics
+
+
+def category_map_from_config(cfg, num_classes: int) -> tuple[dict | None, str]:
+    """(category map, note) from the config's data json (test, val or train: the first that exists), or None
+    (evaluation then takes the json's categories in id order, as detectron2's load_coco_json does)."""
+    from gains.coco import CategoryMap
+
+    root = Path(cfg.data.root)
+    for key in ("test_json", "val_json", "train_json"):
+        path = root / cfg.data[key] if cfg.data.get(key) else None
+        if path is not None and path.is_file():
+            with open(path) as f:
+                cmap = CategoryMap.from_categories(json.load(f).get("categories") or [])
+            if cmap.num_classes != num_classes:
+                raise ConversionError(f"{path} declares {cmap.num_classes} categories {list(cmap.names)} but the "
+                                      f"checkpoint has {num_classes} classes: wrong data.root for this model?")
+            return cmap.to_dict(), f"category map from {path}: {dict(zip(cmap.names, cmap.json_ids))}"
+    return None, (f"no data json under data.root={root}: no category map stored; evaluation takes the json's "
+                  "categories in sorted id order (detectron2's order as well)")
+
+
+def convert_checkpoint(src, dst, cfg, *, allow_partial: bool = False,
+                       allow_config_mismatch: bool = False) -> tuple[ConversionReport, list[str]]:
+    """detectron2 checkpoint file -> gains checkpoint at `dst` (atomic): model built from `cfg` with the
+    converted weights, resolved config, category map, the source's iteration count. Returns (report, notes).
+
+    The config must describe the checkpoint (the error names each key to set) and reproduce detectron2's
+    input conventions (an error unless `allow_config_mismatch`). Unknown, missing or mis-shaped keys are
+    errors unless `allow_partial`, which keeps the fresh initialisation where the file has nothing (named).
+    """
+    from gains.model import build_model
+
+    state, meta = read_foreign_weights(src)
+    if weights_format(state) != "detectron2":
+        raise ConversionError(f"{src} has no detectron2 names (backbone.bottom_up.*, roi_heads.*; first keys: "
+                              f"{_names(list(state)[:5])}); MSRA ImageNet weights go in model.backbone.weights")
+    state = _normalise_names(state)
+    structural, numerics = check_config(cfg, inspect_detectron2(state), state)
+    if structural:
+        raise ConversionError(f"the config does not describe {src}; set: " + "; ".join(structural))
+    notes = []
+    if numerics:
+        msg = "the config does not reproduce detectron2's input/backbone conventions; set: " + "; ".join(numerics)
+        if not allow_config_mismatch:
+            raise ConversionError(msg + " (or pass --allow-config-mismatch to convert anyway)")
+        notes.append("WARNING: " + msg)
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.model.backbone.weights = None  # every weight comes from the checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "frozen BN without ImageNet weights": they come from the file
+        model = build_model(build_cfg)
+    if "pixel_mean" not in state:
+        notes.append(f"no pixel_mean/pixel_std in the file: MSRA's {MSRA_PIXEL_MEAN} / {MSRA_PIXEL_STD}, BGR assumed")
+    converted, report = convert_detectron2_state_dict(state, num_classes=int(cfg.model.num_classes),
+                                                      mode=str(cfg.model.mode), reference=model.state_dict(),
+                                                      strict=not allow_partial)
+    kept = model.load_state_dict(converted, strict=False).missing_keys
+    if kept:
+        notes.append(f"WARNING: {len(kept)} tensors keep their fresh initialisation: {_names(kept)}")
+    cmap, note = category_map_from_config(cfg, int(cfg.model.num_classes))
+    notes.append(note)
+    iteration = int(meta["iteration"]) + 1 if "iteration" in meta else 0  # detectron2 stores the last index
+    ckpt = make_checkpoint(model, iteration=iteration, config=cfg, category_map=cmap)
+    ckpt["converted_from"] = {"path": str(src), "format": "detectron2", "report": report.describe()}
+    save_checkpoint(ckpt, dst)
+    return report, notes
+
