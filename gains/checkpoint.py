@@ -335,49 +335,47 @@ def load_weights_for_finetune(model: nn.Module, path: str | os.PathLike) -> Load
 
 # ----------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """`python -m gains.checkpoint convert SRC DST --config CONFIG [key=value ...]` and `inspect SRC`."""
+    """`python -m gains.checkpoint convert SRC DST --config CONFIG [key=value ...]` | `inspect SRC`."""
     import argparse
     import sys
 
+    from gains import convert_d2
     from gains.config import ConfigError, load_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("convert", "inspect")
     p = argparse.ArgumentParser(prog="python -m gains.checkpoint", description=(
-        "convert SRC DST --config CONFIG: a detectron2 GAInS / Mask R-CNN checkpoint (.pth or .pkl) -> gains "
-        "checkpoint (evaluate.py --ckpt DST). inspect SRC: the format of a weights file and the config "
-        "values it implies. Key map and conventions: gains/convert_d2.py."))
-    p.add_argument("command", choices=commands)
-    if not argv or argv[0] not in commands:
-        p.print_usage(sys.stderr) if argv and argv[0] not in ("-h", "--help") else p.print_help()
-        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+        "convert SRC DST --config CONFIG [key=value ...]: a detectron2 GAInS / Mask R-CNN checkpoint (.pth or "
+        ".pkl) -> a gains checkpoint for evaluate.py --ckpt DST. inspect SRC: the format of a weights file and "
+        "the config values it implies. Key map and conventions: gains/convert_d2.py."))
+    p.add_argument("command", choices=("convert", "inspect"))
     p.add_argument("src", help="detectron2 checkpoint (model_final.pth / .pkl)")
-    if argv[0] == "convert":
+    if argv[:1] == ["convert"]:
         p.add_argument("dst", help="gains checkpoint to write")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-        p.add_argument("--config", required=True, help="YAML config describing the model (e.g. configs/isbi_r50.yaml)")
+        p.add_argument("--config", required=True, help="YAML config of the model, e.g. configs/isbi_r50.yaml")
         p.add_argument("--allow-partial", action="store_true",
                        help="convert despite unknown/missing/mis-shaped keys (all reported by name)")
         p.add_argument("--allow-config-mismatch", action="store_true",
                        help="convert although the config's input format / mean / std / stride / norm differ "
-                            "from detectron2's (the numbers will not match the authors')")
+                            "from detectron2's (the outputs will then differ from the authors')")
     args = p.parse_intermixed_args(argv)
-    from gains.convert_d2 import convert_checkpoint, describe_file
     try:
         if args.command == "inspect":
-            print(describe_file(args.src))
+            state, meta = convert_d2.read_foreign_weights(args.src)
+            fmt = convert_d2.weights_format(state)
+            print(f"{args.src}: {fmt} names, {len(state)} entries, iteration {meta.get('iteration', 'unknown')}")
+            if fmt == "detectron2":
+                info = convert_d2.inspect_detectron2(state)
+                print("config values it implies: " + " ".join(f"{k}={v}" for k, v in info["config"].items()))
+                print({k: info[k] for k in ("mask_head", "anomaly", "guidance", "dead_guidance", "num_anchors")})
             return 0
         cfg = load_config(args.config, args.overrides)
-        report, notes = convert_checkpoint(args.src, args.dst, cfg, allow_partial=args.allow_partial,
-                                           allow_config_mismatch=args.allow_config_mismatch)
-    except ConfigError as e:
+        report, notes = convert_d2.convert_checkpoint(args.src, args.dst, cfg, allow_partial=args.allow_partial,
+                                                      allow_config_mismatch=args.allow_config_mismatch)
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(report.describe())
-    print("\n".join(notes))
+        return 2 if isinstance(e, ConfigError) else 1
+    print(report.describe() + "\n" + "\n".join(notes))
     print(f"wrote {args.dst}; evaluate it with: python evaluate.py --ckpt {args.dst}")
     return 0
 

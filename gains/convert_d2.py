@@ -53,12 +53,11 @@ NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
 MSRA_PIXEL_MEAN, MSRA_PIXEL_STD = [103.53, 116.28, 123.675], [1.0, 1.0, 1.0]
 D2_RESNET = "backbone.bottom_up."
 GUIDANCE = re.compile(r"^roi_heads\.branch_guidance_conv_anomaly_layer(\d+)\.")
-DOUBLE_MASK, PLAIN_MASK = "roi_heads.double_branch_mask_head.", "roi_heads.mask_head."
-ANOMALY = "roi_heads.double_branch_anomaly_head."
+DOUBLE_MASK, PLAIN_MASK, ANOMALY = ("roi_heads.double_branch_mask_head.", "roi_heads.mask_head.",
+                                    "roi_heads.double_branch_anomaly_head.")
 IGNORE_RULES = [
     (re.compile(r"^pixel_(mean|std)$"), "input normalisation: config model.pixel_mean / model.pixel_std"),
-    (re.compile(r"^proposal_generator\.anchor_generator\.cell_anchors\.\d+$"),
-     "anchors are rebuilt from model.rpn.anchor_sizes / aspect_ratios"),
+    (re.compile(r"^proposal_generator\.anchor_generator\.cell_anchors\.\d+$"), "anchors: rebuilt from model.rpn"),
     (re.compile(r"\.num_batches_tracked$"), "BatchNorm step counter (frozen BN has none)")]
 CAFFE2_IGNORE = [(re.compile(r"^fc1000_[wb]$"), "ImageNet classifier, unused by detection"),
                  (re.compile(r"_momentum$"), "SGD momentum blob")]
@@ -179,9 +178,10 @@ def _normalise_names(state: dict) -> dict:
 
 
 def inspect_detectron2(state: dict) -> dict:
-    """Structure of a (normalised) detectron2 state dict: `depth`, `mask_head` ('double'/'plain'/None),
-    `anomaly`, `guidance` (live layer index or None), `dead_guidance`, `num_anchors`, and `config`: the config
-    values the tensors determine (dotted key -> value)."""
+    """Structure of a detectron2 state dict: `depth`, `mask_head` ('double'/'plain'/None), `anomaly`,
+    `guidance` (live layer index or None), `dead_guidance`, `num_anchors`, and `config`: the config values
+    the tensors determine (dotted key -> value)."""
+    state = _normalise_names(state)
     keys = list(state)
     counts = tuple(len({k.split(".")[3] for k in keys if k.startswith(f"{D2_RESNET}res{s}.")}) for s in range(2, 6))
     bottleneck = any(re.match(r"backbone\.bottom_up\.res\d\.\d+\.conv3\.", k) for k in keys)
@@ -214,9 +214,8 @@ def inspect_detectron2(state: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- converting
 @dataclass
 class ConversionReport:
-    """Every source key's fate: mapped (source, ours), ignored (source, reason), unknown, missing (source,
-    ours), shape_mismatched (descriptions), filled (ours, set to BN defaults by rule), not_covered (keys of
-    the target model that nothing maps to)."""
+    """Every key's fate: mapped (source, ours), ignored (source, reason), unknown, missing (source, ours),
+    shape_mismatched, filled (ours: BN defaults by rule), not_covered (model keys nothing maps to)."""
 
     source_format: str
     mapped: list[tuple[str, str]] = field(default_factory=list)
@@ -245,7 +244,7 @@ class ConversionReport:
 
 
 def _ignore_reason(name: str, value, rules) -> str | None:
-    if not isinstance(value, torch.Tensor):
+    if not torch.is_tensor(value):
         return f"not a tensor ({type(value).__name__})"
     return next((reason for rx, reason in rules if rx.search(name)), None)
 
@@ -389,7 +388,6 @@ def category_map_from_config(cfg, num_classes: int) -> tuple[dict | None, str]:
     """(category map, note) from the config's data json (test, val or train: the first that exists), or None
     (evaluation then takes the json's categories in id order, as detectron2's load_coco_json does)."""
     from gains.coco import CategoryMap
-
     root = Path(cfg.data.root)
     for key in ("test_json", "val_json", "train_json"):
         path = root / cfg.data[key] if cfg.data.get(key) else None

@@ -241,6 +241,8 @@ def test_converted_checkpoint_round_trip(gains_case, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in ("boxes", "scores", "labels", "masks"))
     with pytest.raises(CheckpointError, match="convert it first"):  # resuming/evaluating needs the conversion
         load_checkpoint(src, again)
+    assert not load_weights_for_finetune(again, src).missing  # init_weights=model_final.pth converts on the fly
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
 
 
 def test_cli_convert_then_evaluate(gains_case, tmp_path, capsys):
