@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import warnings
 import math
 import os
 import random
@@ -384,6 +385,12 @@ def _build_default_dataset(cfg):
 
 def _build_default_model(cfg) -> nn.Module:
     from .model import build_model
+    b = cfg.model.backbone
+    if b.norm == "frozen_bn" and not b.weights and not cfg.init_weights:
+        # Only training is concerned: evaluating a checkpoint supplies every weight.
+        warnings.warn("model.backbone.norm=frozen_bn without model.backbone.weights: frozen BN of a randomly "
+                      "initialised ResNet is an identity, so activations grow layer after layer and training "
+                      "from scratch is unstable; use model.backbone.norm=gn (or bn), or give ImageNet weights")
     return build_model(cfg)
 
 

@@ -11,7 +11,6 @@ Modes without the branch do not create its parameters.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -129,10 +128,6 @@ def build_model(cfg) -> GAInS:
         raise ValueError(f"model.mode must be one of {list(MODES)}, got {m.mode!r}")
     use_ga_weights, use_branch = MODES[m.mode]
     b, r, h, a = m.backbone, m.rpn, m.roi_heads, m.alrm
-    if b.norm == "frozen_bn" and not b.weights:
-        warnings.warn("model.backbone.norm=frozen_bn without model.backbone.weights: frozen BN of a randomly "
-                      "initialised ResNet is an identity, so activations grow layer after layer and training "
-                      "from scratch is unstable; use model.backbone.norm=gn (or bn), or give ImageNet weights")
     backbone = ResNetFPN(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, stride_in_1x1=b.stride_in_1x1,
                          weights=b.weights, out_channels=b.fpn_channels)
     rpn = RPN(b.fpn_channels, anchor_sizes=r.anchor_sizes, aspect_ratios=r.aspect_ratios,
