@@ -148,8 +148,8 @@ def run_convert(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"data set written to {out}")
-    for split, (images, annotations) in describe_dataset(out).items():
-        print(f"  {split}: {images} images, {annotations} instances -> {out / split}.json, {out / split}/")
+    for split, (images, instances) in describe_dataset(out).items():
+        print(f"  {split}: {images} images, {instances} instances -> {out / split}.json, {out / split}/")
     return 0
 
 

@@ -22,26 +22,27 @@ import importlib
 import importlib.util
 import json
 import logging
-import warnings
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from . import dist
 from .checkpoint import (capture_rng_state, find_last_checkpoint, load_checkpoint, load_weights_for_finetune,
                          make_checkpoint, preserved_rng_state, restore_rng_state, save_checkpoint,
                          unwrap_model, write_last_checkpoint, write_text_atomic)
 from .config import ConfigError, dump_config
+from .sampling import build_train_loader, list_collate
 
 logger = logging.getLogger(__name__)
 
@@ -164,95 +165,6 @@ def build_lr_scheduler(cfg, optimizer) -> WarmupMultiStepLR:
     s = cfg.solver
     return WarmupMultiStepLR(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
                              steps=s.steps, gamma=s.gamma)
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of ints (numpy's SeedSequence hashing)."""
-    words = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-_PERMUTATION, _SAMPLE = 0, 1  # purpose tags so permutation and augmentation seeds never coincide
-
-
-class TrainingSampler(Sampler):
-    """Infinite shuffled stream of (dataset index, global position) for one rank.
-
-    The global stream is the concatenation of permutations of range(size), epoch e seeded by (seed, e).
-    Rank r of W yields global positions start + r, start + r + W, ...; `start` (= completed iterations x
-    global batch) makes a resumed run continue exactly where the interrupted one stopped.
-    """
-
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
-        if size <= 0:
-            raise ValueError("the training set is empty")
-        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
-
-    def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(derive_seed(_PERMUTATION, self.seed, epoch))
-        return torch.randperm(self.size, generator=g).tolist()
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        position, epoch, perm = self.start + self.rank, -1, []
-        while True:
-            e, offset = divmod(position, self.size)
-            if e != epoch:
-                epoch, perm = e, self._permutation(e)
-            yield perm[offset], position
-            position += self.world_size
-
-
-class SeededSamples(Dataset):
-    """Wraps a data set so item (index, position) is loaded with all generators seeded by (seed, position).
-
-    The augmentation (Python `random` in the transforms, or torch/numpy) then depends only on the sample's
-    place in the global stream. The caller's generator states are restored afterwards, so loading in the
-    main process (num_workers=0) does not shift the model's random stream.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, position = key
-        s = derive_seed(_SAMPLE, self.seed, position)
-        with preserved_rng_state():
-            torch.default_generator.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            return self.dataset[index]
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker with base_seed + worker_id (base_seed from the loader's generator, seeded
-    # with seed + rank); give numpy and random matching, distinct seeds too.
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
-
-
-def list_collate(batch):
-    """[(image, target), ...] -> (list of images, list of targets) (the gains.data.collate contract)."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
-def build_train_loader(dataset: Dataset, *, images_per_rank: int, seed: int, rank: int, world_size: int,
-                       start_iter: int, num_workers: int, collate_fn: Callable = list_collate,
-                       pin_memory: bool = False) -> DataLoader:
-    """Endless DataLoader of (list of images, list of targets), `images_per_rank` per batch, starting at
-    iteration `start_iter` of the global stream (see TrainingSampler)."""
-    sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
-                              start=start_iter * images_per_rank * world_size)
-    generator = torch.Generator().manual_seed(seed + rank)  # worker base seeds; never the global RNG
-    return DataLoader(SeededSamples(dataset, seed), batch_size=images_per_rank, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=_seed_worker,
-                      generator=generator, pin_memory=pin_memory)
 
 
 def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):

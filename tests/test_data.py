@@ -6,7 +6,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from conftest import ellipse, square, write_coco, write_png
+from conftest import square, write_coco, write_png
 from gains.coco import CategoryMap, DataError, load_coco, segmentation_to_mask
 from gains.imageio import read_image, to_float_rgb
 from gains.transforms import EvalTransform, TrainTransform, masks_to_boxes, resized_shape

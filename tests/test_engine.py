@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gains import checkpoint as ckpt_mod
-from gains import engine
+from gains import engine, sampling
 from gains.checkpoint import (CheckpointError, find_last_checkpoint, load_checkpoint, load_weights_for_finetune,
                               read_checkpoint, save_checkpoint)
 from gains.config import ConfigError, load_config
@@ -190,18 +190,18 @@ def test_sampler_ranks_interleave_one_global_stream_and_resume_offsets():
         it = iter(sampler)
         return [next(it) for _ in range(n)]
 
-    single = take(engine.TrainingSampler(5, seed=1), 12)
+    single = take(sampling.TrainingSampler(5, seed=1), 12)
     assert sorted(i for i, _ in single[:5]) == list(range(5))  # epoch 0 is a permutation
     assert [p for _, p in single] == list(range(12))
     assert [i for i, _ in single[:5]] != [i for i, _ in single[5:10]]  # epochs are reshuffled
-    r0 = take(engine.TrainingSampler(5, seed=1, rank=0, world_size=2), 6)
-    r1 = take(engine.TrainingSampler(5, seed=1, rank=1, world_size=2), 6)
+    r0 = take(sampling.TrainingSampler(5, seed=1, rank=0, world_size=2), 6)
+    r1 = take(sampling.TrainingSampler(5, seed=1, rank=1, world_size=2), 6)
     assert r0 == single[0::2] and r1 == single[1::2]
-    assert take(engine.TrainingSampler(5, seed=1, start=7), 5) == single[7:12]
+    assert take(sampling.TrainingSampler(5, seed=1, start=7), 5) == single[7:12]
 
 
 def test_augmentation_is_a_function_of_the_stream_position_and_leaves_global_rng_alone():
-    data = engine.SeededSamples(TinyDataset(), seed=3)
+    data = sampling.SeededSamples(TinyDataset(), seed=3)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     a = data[(2, 9)][0]
