@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# 300 iterations reached 45.6 mAP / 0.45 AJI when measured (2026-11-25, 2 CPU cores, ~2.5 min); the bar
-# leaves room for platform differences while failing for a model that did not learn (untrained: ~0).
-MIN_MAP = 25.0
+# Measured (2026-11-25, 2 shared CPU cores, 3.8 min): 300 iterations reach mAP 49.4 / AJI 0.29; an untrained
+# model scores ~0. The bars leave room for platform differences and still fail a model that did not learn.
+MIN_MAP, MIN_AJI = 30.0, 0.15
 
 
 @pytest.mark.slow
@@ -26,6 +26,6 @@ def test_short_quickstart_learns(tmp_path):
     assert (tmp_path / "synthetic" / "train.json").is_file()
     assert len(list((tmp_path / "synthetic" / "train").glob("anomap_ws5_f0.5_ol0.1/*.npy"))) > 100
     metrics = json.loads((run / "eval_final_test" / "metrics.json").read_text())
-    assert metrics["mAP"] >= MIN_MAP and metrics["aji"] >= MIN_MAP / 100, metrics
+    assert metrics["mAP"] >= MIN_MAP and metrics["aji"] >= MIN_AJI, metrics
     assert "CTO instances" in proc.stdout + proc.stderr and "mAP" in proc.stdout + proc.stderr
     assert len(list((run / "eval_final_test" / "vis").glob("*.png"))) == 2
