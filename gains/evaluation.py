@@ -224,6 +224,7 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
         raise EvaluationError(f"test.aji_mode must be one of {AJI_MODES}, got {aji_mode!r}")
     rank, world = dist.get_rank(), dist.get_world_size()
     vis = int(cfg.test.vis if vis is None else vis) if rank == 0 else 0
+    vis_thresh = float(cfg.test.vis_score_thresh)
     indices = shard_indices(len(dataset), rank, world)
     acc, results = MetricAccumulator(), []
     was_training = model.training
@@ -239,8 +240,10 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
                 results.extend(encode_results(pred, record.image_id, cmap))
                 if n < vis:
                     keep = ~gt["iscrowd"]
+                    shown = (pred["scores"] >= vis_thresh).numpy()  # a readable picture, not every detection
                     panels = [(f"ground truth ({int(keep.sum())})", gt["masks"][keep]),
-                              (f"prediction ({len(pred['scores'])}, score >= {thresh:g})", pred["masks"].numpy())]
+                              (f"prediction ({int(shown.sum())}, score >= {vis_thresh:g})",
+                               pred["masks"].numpy()[shown])]
                     save_instance_panels(read_image(record.path, str(cfg.data.normalize)).numpy(), panels,
                                          Path(output_dir) / "vis" / f"image_{record.image_id}.png",
                                          f"{split} image {record.image_id}")

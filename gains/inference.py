@@ -243,8 +243,10 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
         _save_npz_atomic(out_dir / "masks" / f"{path.name}.npz", masks=pred["masks"].numpy(),
                          scores=pred["scores"].numpy().astype(np.float32), labels=labels,
                          boxes=pred["boxes"].numpy().astype(np.float32))
-        save_instance_panels(predictor_image(array, cfg), [(f"{path.name}: {len(labels)} instances",
-                                                             pred["masks"].numpy())],
+        shown = (pred["scores"] >= float(cfg.test.vis_score_thresh)).numpy()  # the npz keeps them all
+        save_instance_panels(predictor_image(array, cfg), [
+            (f"{path.name}: {int(shown.sum())} instances (score >= {float(cfg.test.vis_score_thresh):g})",
+             pred["masks"].numpy()[shown])],
                              out_dir / "overlays" / f"{path.name}.png")
         entries.append({"id": image_id, "file_name": path.name, "height": int(h), "width": int(w)})
         results.extend(encode_results(pred, image_id, category_map))

@@ -292,3 +292,14 @@ def test_two_process_gloo_scores_every_image_exactly_once(rect_data, tmp_path):
     assert ranks[0]["metrics"]["mAP"] == pytest.approx(100) and ranks[0]["metrics"]["aji"] == pytest.approx(1)
     results = json.loads((tmp_path / "ddp/results_test.json").read_text())
     assert sorted({r["image_id"] for r in results}) == [11, 12] and len(results) == 7
+
+
+def test_overlays_draw_only_confident_detections(rect_data, tmp_path, monkeypatch):
+    import gains.visualize as visualize
+    drawn = []
+    monkeypatch.setattr(visualize, "save_instance_panels", lambda image, panels, path, title="": drawn.append(panels))
+    cfg = rect_cfg(rect_data, "test.vis=1", "test.vis_score_thresh=0.895")
+    evaluate_model(PerfectModel(build_dataset(cfg, "test", is_train=False)), cfg, "test", tmp_path / "o")
+    (gt_title, gt_masks), (pred_title, pred_masks) = drawn[0]
+    # image 11 has 4 GT answered with scores 0.9, 0.89, 0.88, 0.87: only the first passes 0.895
+    assert len(gt_masks) == 4 and len(pred_masks) == 1 and "score >= 0.895" in pred_title
