@@ -244,6 +244,22 @@ def test_images_mode_on_mixed_formats(checkpoint, tmp_path):
     assert len(results) > 0  # score_thresh 0 in the checkpoint's config: a random model detects something
 
 
+def test_readme_python_predictor_snippet(checkpoint, tmp_path):
+    import tifffile
+
+    from gains.imageio import read_image_array
+    from gains.inference import load_for_inference
+    from gains.predictor import Predictor
+
+    tifffile.imwrite(tmp_path / "cells.tif", np.random.default_rng(1).integers(0, 4000, (45, 61), dtype=np.uint16))
+    cfg, model, categories = load_for_inference(checkpoint)
+    predictor = Predictor(model, cfg.data.min_size_test, cfg.data.max_size_test, normalize=cfg.data.normalize)
+    out = predictor(read_image_array(tmp_path / "cells.tif"))[0]
+    names = [categories.names[label - 1] for label in out["labels"].tolist()]
+    assert out["masks"].dtype == torch.bool and out["masks"].shape[1:] == (45, 61)
+    assert len(names) == len(out["scores"]) == len(out["boxes"]) and set(names) <= set(categories.names)
+
+
 def test_images_mode_errors(checkpoint, tmp_path, capsys):
     out = tmp_path / "pred"
     assert cli.main(["--ckpt", str(checkpoint), "--images", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
