@@ -100,7 +100,9 @@ class _Problems:
 
 def _read_json(json_path: Path) -> dict:
     if not json_path.is_file():
-        raise DataError(f"annotation file not found: {json_path}; check data.root and the *_json keys")
+        raise DataError(f"annotation file not found: {json_path}; put the data set there (README, section "
+                        "Data: train.json/val.json/test.json + train/ val/ test/ image folders) or point to it "
+                        "(training: data.root=DIR; preprocess.py: --json/--images)")
     try:
         with open(json_path) as f:
             data = json.load(f)
