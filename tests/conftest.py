@@ -8,6 +8,16 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """Import a top-level CLI (`train.py`, `evaluate.py`) as a module, to call its `main(argv)`."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def square(x0: float, y0: float, size: float) -> list[float]:

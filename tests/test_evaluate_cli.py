@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,20 +13,12 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from conftest import load_script
 from gains.checkpoint import make_checkpoint, save_checkpoint
 from test_evaluation import rect_dataset, tiny_model_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("evaluate")
 
 
 def rle(mask: np.ndarray) -> dict:

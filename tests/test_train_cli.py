@@ -1,7 +1,6 @@
 """train.py: argument wiring, clear errors, and (slow) end-to-end runs of the real model on synthetic data."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,20 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from gains import engine
 from gains.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_cli = _load_train_module()
+train_cli = load_script("train")
 
 
 @pytest.fixture(autouse=True)
