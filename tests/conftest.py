@@ -69,3 +69,29 @@ def tiny_coco(tmp_path):
     ]
     cats = [{"id": 1, "name": "cell"}, {"id": 2, "name": "nucleus"}]
     return write_coco(tmp_path, images, anns, cats)
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE of a bool/0-1 mask [H,W]: run lengths in column-major order, starting with 0s."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    counts, current, run = [], False, 0
+    for pixel in flat:
+        if pixel != current:
+            counts.append(run)
+            current, run = pixel, 0
+        run += 1
+    counts.append(run)
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+@pytest.fixture
+def restore_global_state():
+    """train() switches on deterministic algorithms and seeds generators; undo that for other tests."""
+    import torch
+
+    from gains.checkpoint import capture_rng_state, restore_rng_state
+    det = torch.are_deterministic_algorithms_enabled()
+    rng = capture_rng_state()
+    yield
+    torch.use_deterministic_algorithms(det)
+    restore_rng_state(rng)

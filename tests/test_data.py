@@ -6,7 +6,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from conftest import square, write_coco, write_png
+from conftest import square, uncompressed_rle, write_coco, write_png
 from gains.coco import CategoryMap, DataError, load_coco, segmentation_to_mask
 from gains.imageio import read_image, to_float_rgb
 from gains.transforms import EvalTransform, TrainTransform, masks_to_boxes, resized_shape
@@ -36,7 +36,7 @@ def test_polygons_rle_crowd_and_missing_area(tmp_path):
     m[2:6, 3:9] = 1
     compressed = mask_utils.encode(m)
     compressed["counts"] = compressed["counts"].decode()
-    uncompressed = {"size": [30, 40], "counts": [int(v) for v in _uncompressed_counts(m)]}
+    uncompressed = uncompressed_rle(m)
     anns = [ann(1, seg=[square(1, 1, 4), square(20, 20, 4)]),  # two polygons: their union
             ann(2, seg=compressed, iscrowd=1),
             ann(3, seg=uncompressed)]
@@ -51,17 +51,6 @@ def test_polygons_rle_crowd_and_missing_area(tmp_path):
     assert (segmentation_to_mask(a3.segmentation, 30, 40) == m).all()
     assert a3.bbox == (3.0, 2.0, 6.0, 4.0)  # missing bbox -> from the mask
 
-
-def _uncompressed_counts(m):
-    flat = m.ravel(order="F")
-    counts, current, run = [], 0, 0
-    for v in flat:
-        if v != current:
-            counts.append(run)
-            current, run = v, 0
-        run += 1
-    counts.append(run)
-    return counts
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -102,14 +102,7 @@ def run(cfg, resume=False, **model_kwargs):
     return engine.train(cfg, resume=resume, model=TinyDetector(**model_kwargs), dataset=TinyDataset())
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    """train() switches on deterministic algorithms and seeds generators; undo that for other tests."""
-    det = torch.are_deterministic_algorithms_enabled()
-    rng = ckpt_mod.capture_rng_state()
-    yield
-    torch.use_deterministic_algorithms(det)
-    ckpt_mod.restore_rng_state(rng)
+pytestmark = pytest.mark.usefixtures("restore_global_state")  # conftest: train() changes global state
 
 
 def metrics_lines(out_dir):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from conftest import uncompressed_rle
 from gains import gamm
 from gains.gamm import VARIANTS, compute_ga_maps, gamm_masks, map_folder_name, nuclei_groups
 from gamm_oracle import oracle_ga_maps, oracle_groups
@@ -201,13 +202,6 @@ def test_rle_compressed_and_uncompressed():
     mask = rng.random((7, 9)) < 0.4
     compressed = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     text = dict(compressed, counts=compressed["counts"].decode("ascii"))
-    runs, flat, value, run = [], mask.T.ravel(), False, 0  # COCO runs: column-major, starting with 0s
-    for pixel in flat:
-        if pixel != value:
-            runs.append(run)
-            value, run = pixel, 0
-        run += 1
-    runs.append(run)
-    uncompressed = {"size": [7, 9], "counts": runs}
+    uncompressed = uncompressed_rle(mask)
     out = gamm_masks([compressed, text, uncompressed], 7, 9)
     assert all(np.array_equal(m, mask) for m in out)

@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 train_cli = load_script("train")
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    det = torch.are_deterministic_algorithms_enabled()
-    rng = torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.set_rng_state(rng)
+pytestmark = pytest.mark.usefixtures("restore_global_state")  # conftest: train() changes global state
 
 
 def test_unknown_key_is_a_clear_error_naming_the_key(capsys, monkeypatch):
