@@ -8,9 +8,12 @@
     python preprocess.py --from-labelme JSON_DIR --out DIR [--split-ratios 0.6 0.2 0.2]
     python preprocess.py --json A.json --images DIR --variant isbi --window-size 5 --ga-factor 0.5 \
         --overlap-hl 0.1 --target-category 0 [--out DIR] [--workers N] [--dtype float32|float16]
+        [--layout compact|authors]
 
 The last three write a COCO data set folder (train.json + train/, val.json + val/, test.json + test/).
-Maps go to `<out or images>/anomap_ws{N}_f{F}_ol{O}/{annotation_id}.npy` (the authors' layout).
+Maps go to `<out or images>/anomap_ws{N}_f{F}_ol{O}/`: by default one compact lossless `image_{image_id}.npz`
+per image (each map as a crop on its support, gains/ga_store.py); `--layout authors` writes the authors'
+`{annotation_id}.npy`, one dense H x W array per annotation. Training reads both.
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for --dataset synthetic: where the data set is written")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--layout", choices=("compact", "authors"), default="compact",
+                   help="compact: one image_{id}.npz of crops per image (default, lossless); "
+                        "authors: one dense {annotation_id}.npy per annotation")
     p.add_argument("--overwrite", action="store_true", help="recompute maps that already exist; converters: "
                    "replace an existing --out folder")
     p.add_argument("--visualize", type=int, default=0, metavar="K", help="write PNG overlays for K images")
@@ -112,7 +118,7 @@ def run_gamm(args) -> int:
               f"(ids {list(categories.json_ids)}: {list(categories.names)})", file=sys.stderr)
         return 2
     map_dir = (args.out or args.images) / params.folder_name
-    store = GAMapStore(map_dir, params, on_the_fly=True, dtype=args.dtype)
+    store = GAMapStore(map_dir, params, on_the_fly=True, dtype=args.dtype, layout=args.layout)
     start = time.perf_counter()
     summary = fill_map_folder(records, store, workers=args.workers, overwrite=args.overwrite)
     seconds = time.perf_counter() - start

@@ -1,9 +1,13 @@
 """The data set: validated COCO records -> (image, target) items in torchvision's format (DESIGN.md §2).
 
-Item: `image` float32 [3,H,W] in [0,1] (resized/flipped); `target` = {
+Item: `image` float32 [3,H,W] in [0,1] (cropped/resized/flipped); `target` = {
     boxes float32 [N,4] xyxy pixels (from the transformed masks), labels int64 [N] in 1..K,
     masks uint8 [N,H,W], ga float32 [N,H,W] (only when GA maps are used), image_id int,
-    ann_ids int64 [N], orig_size (H0, W0) }.
+    ann_ids int64 [N], orig_size (H0, W0), dropped_fragments int (instances cut by a random crop whose
+    visible part was below `data.crop_min_area`) }.
+With `data.target_format: sparse` (the default) `masks` and `ga` are `SparseMaps` (gains/sparse_maps.py):
+each instance's mask and GA map is a patch on its box, so memory grows with the instances' area, not with
+N x H x W, and the model computes the same losses as with the dense tensors (`target_format: dense`).
 Crowd annotations are not instances to learn; they are left out of targets (as detectron2 does) and kept in
 the records for evaluation.
 """
@@ -18,25 +22,48 @@ import torch
 from .coco import CategoryMap, DataError, ImageRecord, load_coco, segmentation_to_mask
 from .ga_store import GAMapStore, GammParams
 from .imageio import read_image
-from .transforms import EvalTransform, TrainTransform, masks_to_boxes
+from .instances import CropMasks
+from .sparse_maps import sparse_masks_from_crops
+from .transforms import EvalTransform, RandomCrop, TrainTransform, masks_to_boxes, select
 
 SPLITS = ("train", "val", "test")
+TARGET_FORMATS = ("sparse", "dense")
 MODES_WITH_MAPS = ("reweight_only", "branch_only", "gains")
 
 
 class InstanceDataset(torch.utils.data.Dataset):
-    """Records -> (image, target). `ga_store` is None when the model needs no GA maps."""
+    """Records -> (image, target). `ga_store` is None when the model needs no GA maps; `crop` is an
+    optional RandomCrop applied before `transform`; `target_format` "sparse" | "dense" (see module doc)."""
 
     def __init__(self, records: list[ImageRecord], category_map: CategoryMap, transform,
-                 ga_store: GAMapStore | None = None, normalize: str = "dtype"):
+                 ga_store: GAMapStore | None = None, normalize: str = "dtype", target_format: str = "sparse",
+                 crop: RandomCrop | None = None):
+        if target_format not in TARGET_FORMATS:
+            raise ValueError(f"data.target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
         self.records = records
         self.category_map = category_map
         self.transform = transform
         self.ga_store = ga_store
         self.normalize = normalize
+        self.target_format = target_format
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _instances(self, record: ImageRecord, anns: list):
+        """(masks, ga) of `anns` at the original size: dense uint8 / float32 [N,H,W] or SparseMaps."""
+        h, w = record.height, record.width
+        if self.target_format == "sparse":
+            masks = sparse_masks_from_crops(CropMasks.from_segmentations([a.segmentation for a in anns], h, w))
+            ga = self.ga_store.sparse_maps(record, [a.id for a in anns]) if self.ga_store is not None else None
+            return masks, ga
+        if anns:
+            masks = torch.from_numpy(np.stack([segmentation_to_mask(a.segmentation, h, w) for a in anns]))
+        else:
+            masks = torch.zeros((0, h, w), dtype=torch.uint8)
+        ga = torch.from_numpy(self.ga_store.maps(record, [a.id for a in anns])) if self.ga_store else None
+        return masks, ga
 
     def __getitem__(self, index: int):
         record = self.records[index]
@@ -45,14 +72,11 @@ class InstanceDataset(torch.utils.data.Dataset):
             raise DataError(f"{record.path}: image id {record.image_id} is {tuple(image.shape[-2:])} but the "
                             f"json says {(record.height, record.width)}; fix the json's height/width")
         anns = [a for a in record.annotations if not a.iscrowd]
-        if anns:
-            masks = torch.from_numpy(np.stack(
-                [segmentation_to_mask(a.segmentation, record.height, record.width) for a in anns]))
-        else:
-            masks = torch.zeros((0, record.height, record.width), dtype=torch.uint8)
-        ga = None
-        if self.ga_store is not None:
-            ga = torch.from_numpy(self.ga_store.maps(record, [a.id for a in anns]))
+        masks, ga = self._instances(record, anns)
+        dropped = 0
+        if self.crop is not None:
+            image, masks, ga, keep, dropped = self.crop(image, masks, ga)
+            anns = [anns[i] for i in keep.tolist()]
         image, masks, ga = self.transform(image, masks, ga)
         target = {
             "boxes": masks_to_boxes(masks),
@@ -61,6 +85,7 @@ class InstanceDataset(torch.utils.data.Dataset):
             "image_id": record.image_id,
             "ann_ids": torch.tensor([a.id for a in anns], dtype=torch.int64),
             "orig_size": (record.height, record.width),
+            "dropped_fragments": dropped,
         }
         if ga is not None:
             target["ga"] = ga
@@ -100,7 +125,8 @@ def gamm_params(cfg) -> GammParams:
 def build_ga_store(cfg, train_images: Path) -> GAMapStore:
     params = gamm_params(cfg)
     map_dir = Path(cfg.gamm.map_dir) if cfg.gamm.map_dir else train_images / params.folder_name
-    return GAMapStore(map_dir, params, on_the_fly=bool(cfg.gamm.on_the_fly), dtype=str(cfg.gamm.dtype))
+    return GAMapStore(map_dir, params, on_the_fly=bool(cfg.gamm.on_the_fly), dtype=str(cfg.gamm.dtype),
+                      layout=str(cfg.gamm.layout))
 
 
 def uses_ga_maps(cfg) -> bool:
@@ -120,13 +146,18 @@ def build_dataset(cfg, split: str, is_train: bool) -> InstanceDataset:
                         f"set model.num_classes={category_map.num_classes}")
     if is_train and not records:
         raise DataError(f"{json_path}: no training image left after validation; check the warnings above")
+    d = cfg.data
+    crop = None
     if is_train:
-        transform = TrainTransform(cfg.data.min_size_train, cfg.data.max_size_train, cfg.data.hflip_prob)
+        transform = TrainTransform(d.min_size_train, d.max_size_train, d.hflip_prob, vflip_prob=d.vflip_prob,
+                                   rot90_prob=d.rot90_prob, intensity_scale=d.intensity_scale)
+        crop = RandomCrop(d.crop_size, d.crop_min_area) if d.crop_size else None
     else:
-        transform = EvalTransform(cfg.data.min_size_test, cfg.data.max_size_test)
+        transform = EvalTransform(d.min_size_test, d.max_size_test)
     ga_store = None
     if is_train and uses_ga_maps(cfg):
         ga_store = build_ga_store(cfg, split_paths(cfg, "train")[1])
         if split != "train":
             warnings.warn(f"GA maps requested for split {split!r}; GAMM maps are defined for training data")
-    return InstanceDataset(records, category_map, transform, ga_store, str(cfg.data.normalize))
+    return InstanceDataset(records, category_map, transform, ga_store, str(d.normalize),
+                           target_format=str(d.target_format), crop=crop)

@@ -43,6 +43,7 @@ from .checkpoint import (capture_rng_state, find_last_checkpoint, load_checkpoin
                          unwrap_model, write_last_checkpoint, write_text_atomic)
 from .config import ConfigError, dump_config
 from .sampling import build_train_loader, list_collate
+from .sparse_maps import SparseMaps
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,11 @@ def build_lr_scheduler(cfg, optimizer) -> WarmupMultiStepLR:
 
 
 def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
-    """Copies of a batch on `device` (tensors in targets move; ints and tuples stay); inputs untouched."""
+    """Copies of a batch on `device` (tensors and SparseMaps in targets move; ints and tuples stay); inputs
+    untouched."""
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets]
+    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, SparseMaps)) else v
+                for k, v in t.items()} for t in targets]
     return images, targets
 
 
@@ -411,12 +413,14 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
                 start_iter, max_iter, int(s.ims_per_batch), info.world_size, device)
     progress_ctx, progress = _progress_bar(start_iter, max_iter, enabled=main and sys.stderr.isatty())
     meter = WindowMeter()
+    dropped_fragments = 0  # instances cut by data.crop_size below data.crop_min_area, per log period
     with progress_ctx:
         data_iter = iter(loader)
         for it in range(start_iter, max_iter):
             # ---- one step: load, forward, reduce for logging, check, backward, update
             t_start = time.perf_counter()
             images, targets = to_device(*next(data_iter), device)
+            dropped_fragments += sum(int(t.get("dropped_fragments", 0)) for t in targets)
             t_data = time.perf_counter() - t_start
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 loss_dict = model(images, targets)
@@ -442,6 +446,8 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
             if done % int(s.log_period) == 0 or done == max_iter:
                 means = meter.pop_means()
                 record = {"iter": done, **means, "lr": lr, "eta_seconds": means["time"] * (max_iter - done)}
+                if cfg.data.crop_size:
+                    record["dropped_fragments"], dropped_fragments = dropped_fragments, 0
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 metrics.write(record)

@@ -1,23 +1,49 @@
-"""GA map folders: the authors' layout `anomap_ws{ws}_f{GA}_ol{ol}/{annotation_id}.npy`, read, written
-atomically, and filled on the fly.
+"""GA map folders: read the authors' layout, write a compact lossless one, fill missing maps on the fly.
 
-Maps written by the authors' scripts (float64) and by this project (float32 or float16) are interchangeable:
-one H×W array per annotation at the image's original resolution.
+Two layouts live in a map folder `anomap_ws{ws}_f{GA}_ol{ol}/` (GammParams.folder_name):
+- the authors': `{annotation_id}.npy`, one dense H x W array per annotation (float64 from their scripts,
+  float32/float16 from ours) — read always, written with `layout="authors"` (`preprocess.py --layout authors`);
+- compact (written by default): `image_{image_id}.npz`, one file per image holding every annotation's map as
+  a crop on its support box. A GA map is exactly 1.0 outside its support (gains/gamm.py proves and tests
+  this), so the crop is lossless: the dense map is 1.0 everywhere, then the crop pasted on its box. Arrays:
+    ann_ids  int64 [N]       annotation ids, json order
+    boxes    int64 [N, 4]    (x0, y0, x1, y1) of each crop, exclusive right/bottom; (0, 0, 0, 0) = all ones
+    offsets  int64 [N + 1]   crop i is values[offsets[i]:offsets[i+1]].reshape(y1 - y0, x1 - x0)
+    values   float32/float16 the crops, row-major, concatenated
+    image_size int64 [2]     (H, W) of the image the maps belong to
+    params   str             the GAMM parameters as JSON (variant, window, factor, overlap, target)
+  `np.load(path)` reads it without this project (np.savez_compressed, no pickles).
+Maps are read as crops (`crops`, `sparse_maps`: memory O(support area)) or dense (`maps`).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .coco import DataError, ImageRecord
-from .gamm import compute_ga_maps, gamm_masks, map_folder_name
+from .gamm import map_folder_name
+try:  # TEMP until gamm.py grows the crop API
+    from .gamm import compute_ga_crops, gamm_mask_crops
+except ImportError:
+    from .gamm import compute_ga_maps, gamm_masks
+
+    def gamm_mask_crops(segs, h, w):
+        return gamm_masks(segs, h, w)
+
+    def compute_ga_crops(masks, *a, **k):
+        return [dense_to_crop(m) for m in compute_ga_maps(masks, *a, **k)]
+from .sparse_maps import SparseMaps
 
 MAP_DTYPES = ("float32", "float16", "float64")
+LAYOUTS = ("compact", "authors")
+EMPTY_BOX = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -35,26 +61,54 @@ class GammParams:
         return map_folder_name(self.window_size, self.ga_factor, self.overlap_hl)
 
 
-def compute_image_maps(record: ImageRecord, params: GammParams) -> dict[int, np.ndarray]:
-    """All GA maps of one image: {annotation id: float64 [H,W]}, computed over every annotation of the image
-    in json order (the context GAMM defines maps in)."""
+Crop = tuple  # ((x0, y0, x1, y1), float array [y1 - y0, x1 - x0]); the map is 1.0 off the box
+
+
+def compute_image_crops(record: ImageRecord, params: GammParams) -> dict[int, Crop]:
+    """All GA maps of one image as crops {annotation id: (box, float64 crop)}, computed over every annotation
+    of the image in json order (the context GAMM defines maps in). Memory O(sum of support areas)."""
     anns = record.annotations
     if not anns:
         return {}
-    masks = gamm_masks([a.segmentation for a in anns], record.height, record.width)
-    maps = compute_ga_maps(
+    masks = gamm_mask_crops([a.segmentation for a in anns], record.height, record.width)
+    crops = compute_ga_crops(
         masks, [a.category_id for a in anns], np.array([a.bbox for a in anns], dtype=np.float64),
         variant=params.variant, window_size=params.window_size, ga_factor=params.ga_factor,
         overlap_hl=params.overlap_hl, target_category_id=params.target_category_id)
-    return {a.id: maps[i] for i, a in enumerate(anns)}
+    return {a.id: (tuple(int(v) for v in box), crop) for a, (box, crop) in zip(anns, crops)}
 
 
-def save_array_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+def compute_image_maps(record: ImageRecord, params: GammParams) -> dict[int, np.ndarray]:
+    """All GA maps of one image, dense: {annotation id: float64 [H, W]}."""
+    return {a: crop_to_dense(c, record.height, record.width, np.float64)
+            for a, c in compute_image_crops(record, params).items()}
+
+
+def crop_to_dense(crop: Crop, height: int, width: int, dtype=np.float32) -> np.ndarray:
+    """(box, values) -> [H, W] map: 1.0 everywhere, the values on the box."""
+    (x0, y0, x1, y1), values = crop
+    out = np.ones((height, width), dtype=dtype)
+    out[y0:y1, x0:x1] = values
+    return out
+
+
+def dense_to_crop(dense: np.ndarray) -> Crop:
+    """[H, W] map -> (tight box of the values != 1.0, values there): lossless."""
+    off = dense != 1.0
+    rows, cols = np.flatnonzero(off.any(1)), np.flatnonzero(off.any(0))
+    if rows.size == 0:
+        return EMPTY_BOX, dense[:0, :0]
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return (int(x0), int(y0), int(x1), int(y1)), dense[y0:y1, x0:x1]
+
+
+def _atomic(path: Path, write) -> None:
+    """`write(file object)` into a temporary file in the same folder, then rename: readers never see half
+    a file, and a failure leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -62,25 +116,65 @@ def save_array_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def save_array_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save, atomically."""
+    _atomic(path, lambda f: np.save(f, array))
+
+
+def save_compact_atomic(path: Path, crops: dict[int, Crop], image_size: tuple[int, int], params: GammParams,
+                        dtype=np.float32) -> None:
+    """Write one image's maps in the compact layout (module docstring), atomically."""
+    ids = list(crops)
+    boxes = np.array([crops[a][0] for a in ids], dtype=np.int64).reshape(-1, 4)
+    sizes = [np.asarray(crops[a][1]).size for a in ids]
+    values = (np.concatenate([np.asarray(crops[a][1], dtype=dtype).ravel() for a in ids]) if ids
+              else np.zeros(0, dtype))
+    arrays = dict(ann_ids=np.array(ids, dtype=np.int64), boxes=boxes,
+                  offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), values=values,
+                  image_size=np.array(image_size, dtype=np.int64), params=np.array(json.dumps(asdict(params))))
+    _atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_compact(path: Path) -> tuple[dict[int, Crop], tuple[int, int]]:
+    """Read a compact file: ({annotation id: (box, float32 crop)}, (H, W))."""
+    with np.load(path, allow_pickle=False) as z:
+        ids, boxes, offsets = z["ann_ids"], z["boxes"], z["offsets"]
+        values, size = z["values"].astype(np.float32, copy=False), tuple(int(v) for v in z["image_size"])
+    crops = {}
+    for i, a in enumerate(ids.tolist()):
+        x0, y0, x1, y1 = (int(v) for v in boxes[i])
+        crops[a] = ((x0, y0, x1, y1), values[offsets[i]:offsets[i + 1]].reshape(y1 - y0, x1 - x0))
+    return crops, size
+
+
 class GAMapStore:
     """Serves per-annotation GA maps for records; computes and caches missing ones when `on_the_fly`.
 
-    When `map_dir` is not writable, computed maps are kept in memory instead (one warning).
+    Reads both layouts (a compact image file first, then `{id}.npy`); writes `layout` ("compact" or
+    "authors") in `dtype`. When `map_dir` is not writable, computed maps are kept in memory (one warning).
     """
 
     def __init__(self, map_dir: str | os.PathLike, params: GammParams, on_the_fly: bool = True,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", layout: str = "compact"):
         if dtype not in MAP_DTYPES:
             raise ValueError(f"gamm.dtype must be one of {MAP_DTYPES}, got {dtype!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"gamm.layout must be one of {LAYOUTS}, got {layout!r}")
         self.map_dir = Path(map_dir)
         self.params = params
         self.on_the_fly = on_the_fly
         self.dtype = np.dtype(dtype)
-        self._memory: dict[int, np.ndarray] = {}
+        self.layout = layout
+        self._memory: dict[int, Crop] = {}
         self._writable: bool | None = None
 
     def path(self, annotation_id: int) -> Path:
+        """The authors' layout file of an annotation."""
         return self.map_dir / f"{annotation_id}.npy"
+
+    def image_path(self, image_id: int) -> Path:
+        """The compact layout file of an image."""
+        return self.map_dir / f"image_{image_id}.npz"
 
     def _can_write(self) -> bool:
         if self._writable is None:
@@ -94,9 +188,22 @@ class GAMapStore:
                               "kept in memory only. Set gamm.map_dir to a writable folder to cache them.")
         return self._writable
 
-    def _read(self, annotation_id: int, record: ImageRecord) -> np.ndarray | None:
-        if annotation_id in self._memory:
-            return self._memory[annotation_id]
+    def _read_compact(self, record: ImageRecord) -> dict[int, Crop]:
+        path = self.image_path(record.image_id)
+        if not path.is_file():
+            return {}
+        try:
+            crops, size = load_compact(path)
+        except (ValueError, OSError, KeyError) as e:
+            raise DataError(f"{path}: unreadable GA map file of image {record.image_id} ({e}); delete it or "
+                            "re-run preprocess.py with --overwrite") from None
+        if size != (record.height, record.width):
+            raise DataError(f"{path}: GA maps of image {record.image_id} are for a {size} image, but the json "
+                            f"says {(record.height, record.width)}; the maps belong to other data — re-run "
+                            "preprocess.py with --overwrite")
+        return crops
+
+    def _read_npy(self, annotation_id: int, record: ImageRecord) -> Crop | None:
         path = self.path(annotation_id)
         if not path.is_file():
             return None
@@ -109,40 +216,76 @@ class GAMapStore:
             raise DataError(f"{path}: GA map of annotation {annotation_id} is {array.shape}, but image "
                             f"{record.image_id} is {(record.height, record.width)}; the maps belong to other "
                             "data or parameters — re-run preprocess.py with --overwrite")
-        return array
+        return dense_to_crop(array.astype(np.float32, copy=False))
 
-    def maps(self, record: ImageRecord, annotation_ids: list[int]) -> np.ndarray:
-        """float32 [len(annotation_ids), H, W] for annotations of `record`."""
-        found = {a: self._read(a, record) for a in annotation_ids}
-        missing = [a for a, m in found.items() if m is None]
+    def crops(self, record: ImageRecord, annotation_ids: list[int]) -> dict[int, Crop]:
+        """{annotation id: (box, float32 crop)} for annotations of `record` (computed when missing)."""
+        found = {a: self._memory[a] for a in annotation_ids if a in self._memory}
+        if len(found) < len(annotation_ids):
+            compact = self._read_compact(record)
+            found.update({a: compact[a] for a in annotation_ids if a in compact and a not in found})
+        for a in annotation_ids:
+            if a not in found and (crop := self._read_npy(a, record)) is not None:
+                found[a] = crop
+        missing = [a for a in annotation_ids if a not in found]
         if missing:
             if not self.on_the_fly:
-                raise DataError(f"GA map {self.path(missing[0])} (image {record.image_id}) is missing and "
-                                "gamm.on_the_fly is false; run `python preprocess.py` with the same "
+                where = self.image_path(record.image_id) if self.layout == "compact" else self.path(missing[0])
+                raise DataError(f"GA map {where} (image {record.image_id}, annotation {missing[0]}) is missing "
+                                "and gamm.on_the_fly is false; run `python preprocess.py` with the same "
                                 "parameters or set gamm.on_the_fly=true")
             computed = self.write_image_maps(record, overwrite=False)
             found.update({a: computed[a] for a in missing})
-        out = np.empty((len(annotation_ids), record.height, record.width), dtype=np.float32)
+        return {a: (found[a][0], np.asarray(found[a][1], dtype=np.float32)) for a in annotation_ids}
+
+    def sparse_maps(self, record: ImageRecord, annotation_ids: list[int]) -> SparseMaps:
+        """The maps as SparseMaps (fill 1.0, float32 patches) at the image's original size."""
+        crops = self.crops(record, annotation_ids)
+        return SparseMaps(torch.tensor([crops[a][0] for a in annotation_ids], dtype=torch.int64).reshape(-1, 4),
+                          [torch.from_numpy(np.ascontiguousarray(crops[a][1])) for a in annotation_ids],
+                          (record.height, record.width), fill=1.0, dtype=torch.float32)
+
+    def maps(self, record: ImageRecord, annotation_ids: list[int]) -> np.ndarray:
+        """float32 [len(annotation_ids), H, W] for annotations of `record` (dense)."""
+        crops = self.crops(record, annotation_ids)
+        out = np.ones((len(annotation_ids), record.height, record.width), dtype=np.float32)
         for i, a in enumerate(annotation_ids):
-            out[i] = found[a]
+            (x0, y0, x1, y1), values = crops[a]
+            out[i, y0:y1, x0:x1] = values
         return out
 
-    def write_image_maps(self, record: ImageRecord, overwrite: bool = False) -> dict[int, np.ndarray]:
-        """Compute the maps of one image and store the ones not present (all with `overwrite`)."""
-        maps = compute_image_maps(record, self.params)
-        cast = {a: m.astype(self.dtype) for a, m in maps.items()}
-        if self._can_write():
-            for a, m in cast.items():
-                if overwrite or not self.path(a).is_file():
-                    save_array_atomic(self.path(a), m)
+    def missing(self, record: ImageRecord) -> list[int]:
+        """Annotation ids of `record` with no map on disk (in either layout)."""
+        ids = [a.id for a in record.annotations]
+        path = self.image_path(record.image_id)
+        have = set()
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                have = set(z["ann_ids"].tolist())
+        return [a for a in ids if a not in have and not self.path(a).is_file()]
+
+    def write_image_maps(self, record: ImageRecord, overwrite: bool = False) -> dict[int, Crop]:
+        """Compute the maps of one image and store them: compact = one file for the image (rewritten when
+        it lacks an annotation or with `overwrite`); authors = the `{id}.npy` not present (all with
+        `overwrite`). Returns {annotation id: (box, crop in the storage dtype)}."""
+        crops = {a: (box, np.asarray(c).astype(self.dtype)) for a, (box, c) in
+                 compute_image_crops(record, self.params).items()}
+        if not self._can_write():
+            self._memory.update(crops)
+        elif self.layout == "compact":
+            path = self.image_path(record.image_id)
+            if overwrite or self.missing(record) or not path.is_file():
+                save_compact_atomic(path, crops, (record.height, record.width), self.params, self.dtype)
         else:
-            self._memory.update(cast)
-        return cast
+            for a, c in crops.items():
+                if overwrite or not self.path(a).is_file():
+                    save_array_atomic(self.path(a), crop_to_dense(c, record.height, record.width, self.dtype))
+        return crops
 
 
 def _fill_one(store: GAMapStore, record: ImageRecord, overwrite: bool) -> tuple[int, int, str | None]:
     """Worker: (image id, maps written, error message or None)."""
-    todo = [a.id for a in record.annotations if overwrite or not store.path(a.id).is_file()]
+    todo = [a.id for a in record.annotations] if overwrite else store.missing(record)
     if not todo:
         return record.image_id, 0, None
     try:

@@ -70,6 +70,42 @@ class CropMasks:
         return cls(boxes, crops, (h, w))
 
     @classmethod
+    def from_rles(cls, rles: list[dict], height: int, width: int) -> "CropMasks":
+        """COCO RLEs (compressed or uncompressed counts) -> tight crops, decoded from the runs inside each
+        mask's box only (never a full-size array)."""
+        from .mask_runs import runs_from_rles
+
+        runs = runs_from_rles(list(rles), height, width)
+        boxes, crops = np.zeros((len(runs), 4), np.int64), []
+        for i in range(len(runs)):
+            start, end = runs.starts[runs.ptr[i]:runs.ptr[i + 1]], runs.ends[runs.ptr[i]:runs.ptr[i + 1]]
+            if start.size == 0:
+                crops.append(np.zeros((0, 0), bool))
+                continue
+            # a run may continue into the next column: split it into one segment per column
+            c0, c1 = start // height, (end - 1) // height
+            nseg = c1 - c0 + 1
+            col = np.repeat(c0, nseg) + (np.arange(nseg.sum()) - np.repeat(np.cumsum(nseg) - nseg, nseg))
+            seg0 = np.maximum(np.repeat(start, nseg), col * height) - col * height
+            seg1 = np.minimum(np.repeat(end, nseg), (col + 1) * height) - col * height
+            x0, x1, y0, y1 = int(col.min()), int(col.max()) + 1, int(seg0.min()), int(seg1.max())
+            h_c = y1 - y0
+            edges = np.zeros((x1 - x0) * h_c + 1, dtype=np.int32)  # the crop, column-major, as +1/-1 edges
+            np.add.at(edges, (col - x0) * h_c + seg0 - y0, 1)
+            np.add.at(edges, (col - x0) * h_c + seg1 - y0, -1)
+            crops.append((np.cumsum(edges[:-1]) > 0).reshape(x1 - x0, h_c).T.copy())
+            boxes[i] = (x0, y0, x1, y1)
+        return cls(boxes, crops, (height, width))
+
+    @classmethod
+    def from_segmentations(cls, segmentations: list, height: int, width: int) -> "CropMasks":
+        """COCO segmentations (polygon lists, RLE dicts) -> crops equal to pycocotools' rasterisation
+        (`gains.coco.segmentation_to_mask`): polygons become RLE without a full-size array, then runs."""
+        from .coco import segmentation_to_rle
+
+        return cls.from_rles([segmentation_to_rle(s, height, width) for s in segmentations], height, width)
+
+    @classmethod
     def from_label_image(cls, labels: np.ndarray) -> "CropMasks":
         """Instance label image [H, W] (0 = background) -> one mask per positive label, in label order."""
         labels = np.asarray(labels)

@@ -19,6 +19,10 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import batched_nms, box_iou, roi_align
 
+from .sparse_maps import SparseMaps
+
+
+MASK_TIE = 0.5 - 1e-4  # mask target threshold: 0.5, ties (0.5 up to float rounding) count as inside
 
 _POOL: ThreadPoolExecutor | None = None
 _MIN_ROIS_PER_THREAD = 32
@@ -195,12 +199,15 @@ def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor, pixel_weights: Te
 def crop_per_gt(maps: Tensor, boxes: Tensor, gt_index: Tensor, size: int) -> Tensor:
     """Crop each RoI's own ground-truth map without copying maps per RoI.
 
-    maps [G, H, W] (any dtype, cast to float once per GT); boxes [R, 4] in the maps' pixels; gt_index [R]
-    int64 index of each RoI's matched GT. Returns roi_align(aligned=True, sampling_ratio=0) crops [R, size,
-    size] float: each box gets its GT as batch index into the [G, 1, H, W] view.
+    maps [G, H, W] (any dtype, cast to float once per GT) or SparseMaps (per-GT patches, same numbers);
+    boxes [R, 4] in the maps' pixels; gt_index [R] int64 index of each RoI's matched GT. Returns
+    roi_align(aligned=True, sampling_ratio=0) crops [R, size, size] float: each box gets its GT as batch
+    index into the [G, 1, H, W] view.
     """
     if len(boxes) == 0:
         return boxes.new_zeros((0, size, size))
+    if isinstance(maps, SparseMaps):
+        return maps.roi_crops(boxes, gt_index, size)
     rois = torch.cat([gt_index[:, None].to(boxes.dtype), boxes], dim=1)
     return aligned_roi_align(maps[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0)[:, 0]
 
@@ -286,7 +293,9 @@ class RoIHeads(nn.Module):
         x = self.mask_pooler(features, fg_boxes)
         f_m, mask_logits = self.mask_head(x)
         with torch.no_grad():
-            mask_targets = torch.cat([(crop_per_gt(t["masks"], b, g, self.mask_size) >= 0.5).to(b.dtype)
+            # >= 0.5 in exact arithmetic: a sample exactly between an inside and an outside pixel is a
+            # tie that float rounding of its position (1e-5 px) must not decide, so dense and sparse agree
+            mask_targets = torch.cat([(crop_per_gt(t["masks"], b, g, self.mask_size) >= MASK_TIE).to(b.dtype)
                                       for b, g, t in zip(fg_boxes, fg_gt, targets)])
             need_ga = self.use_ga_weights or self.alrm is not None
             ga = torch.cat([crop_per_gt(t["ga"], b, g, self.mask_size)

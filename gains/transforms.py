@@ -3,7 +3,13 @@
 One random draw decides the size and the flip for all three, so a GA map stays registered with its mask
 (GAINS_METHOD.md §3): images and GA maps are resized bilinearly (align_corners=False — nearest would turn the
 smooth anomaly ramps into steps), masks with nearest neighbour, and boxes are recomputed from the resized
-masks.
+masks. Masks and GA maps are dense tensors [N,H,W] or `SparseMaps` (patches, gains/sparse_maps.py); both
+go through the same geometry with the same numbers.
+
+Beyond the paper's resize + horizontal flip (the paper configs use nothing else), training can take a random
+crop (`RandomCrop`, before the resize, in original pixels) and the microscopy augmentations vertical flip,
+90-degree turns and intensity scaling (`TrainTransform`, each off unless its probability is set). A new
+augmentation draws random numbers only when it is on, so the paper configs' random stream is unchanged.
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .sparse_maps import SparseMaps
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -24,8 +32,10 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """uint8/bool [N,H,W] -> float32 [N,4] xyxy with exclusive right/bottom (a 1-pixel mask at (y, x) gives
-    (x, y, x+1, y+1)). Empty masks give (0, 0, 0, 0)."""
+    """uint8/bool [N,H,W] (or SparseMaps) -> float32 [N,4] xyxy with exclusive right/bottom (a 1-pixel mask
+    at (y, x) gives (x, y, x+1, y+1)). Empty masks give (0, 0, 0, 0)."""
+    if isinstance(masks, SparseMaps):
+        return masks.tight_boxes()
     if masks.numel() == 0:
         return torch.zeros((masks.shape[0], 4), dtype=torch.float32)
     masks = masks.bool()
@@ -44,44 +54,138 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def resize(image: torch.Tensor, masks: torch.Tensor, ga: torch.Tensor | None, size: tuple[int, int]):
-    """Resize image float [3,H,W], masks uint8 [N,H,W] and optional GA maps float [N,H,W] to `size` (h, w)."""
+def resize(image: torch.Tensor, masks, ga, size: tuple[int, int]):
+    """Resize image float [3,H,W], masks uint8 [N,H,W] and optional GA maps float [N,H,W] to `size` (h, w).
+    Masks and GA maps may be SparseMaps (same numbers on their patches)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, masks, ga
     # antialias: like PIL's bilinear resize that detectron2 uses; matters only when shrinking
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    if masks.shape[0]:
+    if isinstance(masks, SparseMaps):
+        masks = masks.resized(size, "nearest")
+    elif masks.shape[0]:
         masks = F.interpolate(masks[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
     else:
         masks = masks.new_zeros((0, *size))
-    if ga is not None:
+    if isinstance(ga, SparseMaps):
+        ga = ga.resized(size, "bilinear")
+    elif ga is not None:
         ga = (F.interpolate(ga[None].float(), size=size, mode="bilinear", align_corners=False)[0]
               if ga.shape[0] else ga.new_zeros((0, *size)))
     return image, masks, ga
 
 
-def hflip(image: torch.Tensor, masks: torch.Tensor, ga: torch.Tensor | None):
+def _apply(fn_dense, fn_sparse, *maps):
+    return tuple(None if m is None else fn_sparse(m) if isinstance(m, SparseMaps) else fn_dense(m) for m in maps)
+
+
+def hflip(image: torch.Tensor, masks, ga):
     """Mirror left-right; all tensors have width as their last dimension."""
-    return image.flip(-1), masks.flip(-1), (ga.flip(-1) if ga is not None else None)
+    return (image.flip(-1),) + _apply(lambda t: t.flip(-1), SparseMaps.hflip, masks, ga)
+
+
+def vflip(image: torch.Tensor, masks, ga):
+    """Mirror top-bottom."""
+    return (image.flip(-2),) + _apply(lambda t: t.flip(-2), SparseMaps.vflip, masks, ga)
+
+
+def rot90(image: torch.Tensor, masks, ga, k: int):
+    """Turn by k x 90 degrees counter-clockwise (`torch.rot90(x, k, (-2, -1))`), as transpose + flips."""
+    for _ in range(k % 4):  # rot90 once = transpose, then flip rows
+        image = image.transpose(-2, -1)
+        masks, ga = _apply(lambda t: t.transpose(-2, -1), SparseMaps.transpose, masks, ga)
+        image, masks, ga = vflip(image, masks, ga)
+    return image, masks, ga
+
+
+def crop(image: torch.Tensor, masks, ga, top: int, left: int, height: int, width: int):
+    """The window rows [top, top+height) x cols [left, left+width) of all three (inside the image)."""
+    window = (slice(top, top + height), slice(left, left + width))
+    return (image[(...,) + window],) + _apply(lambda t: t[(...,) + window],
+                                             lambda m: m.crop(top, left, height, width), masks, ga)
+
+
+def mask_areas(masks) -> torch.Tensor:
+    """int64 [N] pixel counts of dense uint8 [N,H,W] masks or SparseMaps."""
+    if isinstance(masks, SparseMaps):
+        return masks.areas()
+    return masks.flatten(1).ne(0).sum(1) if masks.shape[0] else torch.zeros(0, dtype=torch.int64)
+
+
+def select(masks, ga, keep: torch.Tensor):
+    """Instances `keep` (int64 indices) of masks and GA maps, dense or sparse."""
+    return _apply(lambda t: t[keep], lambda m: m.select(keep), masks, ga)
+
+
+class RandomCrop:
+    """A random `size` (h, w) window of the ORIGINAL image (before the resize), for large fields of view.
+
+    Instances cut by the window keep their visible part; parts smaller than `min_area` pixels (and
+    instances left with no pixel) are dropped, and `__call__` says how many. GA maps are the full image's,
+    cropped with it (GAMM ran on the whole image). An image smaller than the window on a side is not
+    cropped on that side.
+
+    `__call__(image, masks, ga)` -> (image, masks, ga, keep int64 [M] indices of the kept instances,
+    dropped int = cut fragments dropped for their size).
+    """
+
+    def __init__(self, size, min_area: int = 0):
+        size = size if isinstance(size, (list, tuple)) else (size, size)
+        self.size = (int(size[0]), int(size[1]))
+        if min(self.size) < 1:
+            raise ValueError(f"data.crop_size must be positive, got {size}")
+        self.min_area = int(min_area)
+
+    def __call__(self, image, masks, ga=None):
+        h, w = image.shape[-2:]
+        ch, cw = min(self.size[0], h), min(self.size[1], w)
+        top, left = random.randint(0, h - ch), random.randint(0, w - cw)
+        before = mask_areas(masks)
+        image, masks, ga = crop(image, masks, ga, top, left, ch, cw)
+        after = mask_areas(masks)
+        cut = after < before
+        keep_mask = (after > 0) & ~(cut & (after < self.min_area))
+        dropped = int((cut & (after > 0) & ~keep_mask).sum())
+        keep = torch.nonzero(keep_mask)[:, 0]
+        if len(keep) < len(after):
+            masks, ga = select(masks, ga, keep)
+        return image, masks, ga, keep, dropped
 
 
 class TrainTransform:
-    """Random shortest-edge resize (one of `min_sizes`, capped at `max_size`) + horizontal flip.
+    """Random shortest-edge resize (one of `min_sizes`, capped at `max_size`) + horizontal flip, then the
+    optional microscopy augmentations: vertical flip, a random number of 90-degree turns (with probability
+    `rot90_prob`; turns swap height and width after the resize), and an intensity scale drawn uniformly
+    from `intensity_scale` (lo, hi) applied to the image only and clipped to [0, 1].
 
-    Randomness comes from Python's `random` module, which the data loader seeds per worker and rank, so a
-    run is reproducible.
+    Randomness comes from Python's `random` module, which the data loader seeds per sample, so a run is
+    reproducible; an augmentation that is off draws nothing.
     """
 
-    def __init__(self, min_sizes: Sequence[int], max_size: int, hflip_prob: float = 0.5):
+    def __init__(self, min_sizes: Sequence[int], max_size: int, hflip_prob: float = 0.5, vflip_prob: float = 0.0,
+                 rot90_prob: float = 0.0, intensity_scale: Sequence[float] | None = None):
         self.min_sizes = [int(s) for s in (min_sizes if isinstance(min_sizes, (list, tuple)) else [min_sizes])]
         self.max_size = int(max_size)
         self.hflip_prob = float(hflip_prob)
+        self.vflip_prob, self.rot90_prob = float(vflip_prob), float(rot90_prob)
+        if intensity_scale is not None:
+            lo, hi = (float(v) for v in intensity_scale)
+            if not 0 < lo <= hi:
+                raise ValueError(f"data.intensity_scale must be [lo, hi] with 0 < lo <= hi, got {intensity_scale}")
+            intensity_scale = (lo, hi)
+        self.intensity_scale = intensity_scale
 
     def __call__(self, image, masks, ga=None):
         size = resized_shape(*image.shape[-2:], random.choice(self.min_sizes), self.max_size)
         image, masks, ga = resize(image, masks, ga, size)
         if random.random() < self.hflip_prob:
             image, masks, ga = hflip(image, masks, ga)
+        if self.vflip_prob > 0 and random.random() < self.vflip_prob:
+            image, masks, ga = vflip(image, masks, ga)
+        if self.rot90_prob > 0 and random.random() < self.rot90_prob:
+            image, masks, ga = rot90(image, masks, ga, random.randint(1, 3))
+        if self.intensity_scale is not None:
+            image = (image * random.uniform(*self.intensity_scale)).clamp(0.0, 1.0)
         return image, masks, ga
 
 

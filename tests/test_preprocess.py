@@ -18,13 +18,13 @@ from gains.config import load_config  # noqa: E402
 from gains.data import build_dataset  # noqa: E402
 
 
-def fixture_args(name, out):
+def fixture_args(name, out, layout="authors"):
     params = json.loads((FIXTURES / "gamm" / name / "params.json").read_text())
     return ["--json", str(FIXTURES / "gamm" / name / "annotations.json"),
             "--images", str(FIXTURES / "gamm" / name / "images"),
             "--variant", params["variant"], "--window-size", str(params["window_size"]),
             "--ga-factor", str(params["ga_factor"]), "--overlap-hl", str(params["overlap_hl"]),
-            "--target-category", str(params["target_category_id"]), "--out", str(out)]
+            "--target-category", str(params["target_category_id"]), "--out", str(out), "--layout", layout]
 
 
 @pytest.mark.parametrize("name, folder", [("chrom_rods", "anomap_ws5_f0.5_ol0.3"),
@@ -40,6 +40,35 @@ def test_cli_writes_the_authors_maps(tmp_path, capsys, name, folder):
         assert np.abs(ours.astype(np.float64) - np.load(e)).max() <= 1e-5, e.name
     out = capsys.readouterr().out
     assert f"maps written: {len(expected)}" in out and "time:" in out
+
+
+@pytest.mark.parametrize("name, folder", [("chrom_rods", "anomap_ws5_f0.5_ol0.3"),
+                                          ("isbi_cells", "anomap_ws9_f0.5_ol0.1"),
+                                          ("nuclei_clusters", "anomap_ws8_f0.8_ol0.1")])
+def test_compact_layout_is_lossless_and_smaller(tmp_path, name, folder):
+    """The default layout holds the very float32 maps of the authors' layout, in fewer bytes."""
+    from gains.coco import load_coco
+    from gains.ga_store import GAMapStore, GammParams, load_compact
+
+    assert preprocess.main(fixture_args(name, tmp_path / "c", layout="compact")) == 0
+    assert preprocess.main(fixture_args(name, tmp_path / "a", layout="authors")) == 0
+    compact, authors = tmp_path / "c" / folder, tmp_path / "a" / folder
+    assert not list(compact.glob("*.npy")) and list(compact.glob("image_*.npz"))
+    records, _, _ = load_coco(FIXTURES / "gamm" / name / "annotations.json", FIXTURES / "gamm" / name / "images")
+    p = json.loads((FIXTURES / "gamm" / name / "params.json").read_text())
+    store = GAMapStore(compact, GammParams(p["variant"], p["window_size"], p["ga_factor"], p["overlap_hl"],
+                                           p["target_category_id"]), on_the_fly=False)
+    for record in records:
+        ids = [a.id for a in record.annotations]
+        dense = store.maps(record, ids)
+        sparse = store.sparse_maps(record, ids).dense().numpy()
+        for i, a in enumerate(ids):
+            written = np.load(authors / f"{a}.npy")
+            assert np.array_equal(dense[i], written) and np.array_equal(sparse[i], written), a  # bitwise
+        crops, size = load_compact(store.image_path(record.image_id))
+        assert size == (record.height, record.width) and sorted(crops) == sorted(ids)
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(compact) < size(authors) / 2
 
 
 def test_cli_skips_finished_files_unless_overwrite(tmp_path, capsys):
@@ -94,14 +123,14 @@ def test_missing_flags_and_bad_inputs_are_explained(tmp_path, capsys):
 
 def test_failing_image_is_reported_and_others_still_written(tmp_path, capsys, monkeypatch):
     import gains.ga_store as store_module
-    real = store_module.compute_image_maps
+    real = store_module.compute_image_crops
 
     def flaky(record, params):
         if record.image_id == 2:
             raise RuntimeError("boom on purpose")
         return real(record, params)
 
-    monkeypatch.setattr(store_module, "compute_image_maps", flaky)
+    monkeypatch.setattr(store_module, "compute_image_crops", flaky)
     assert preprocess.main(fixture_args("chrom_rods", tmp_path)) == 1
     err = capsys.readouterr().err
     assert "FAILED image 2: RuntimeError: boom on purpose" in err
@@ -122,13 +151,17 @@ def test_dataset_computes_maps_on_the_fly_and_caches_them(tmp_path):
     dataset = build_dataset(cfg, "train", is_train=True)
     image, target = dataset[0]
     folder = tmp_path / "train" / "anomap_ws5_f0.5_ol0.1"
-    assert sorted(p.name for p in folder.glob("*.npy")) == ["11.npy", "12.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["image_1.npz"]  # the compact layout: one file
     assert target["ga"].shape == target["masks"].shape == (2, 48, 56)
-    assert target["ga"].min() >= 1.0 and target["ga"].max() > 1.05  # the overlap is marked
-    # the cached files are what the next epoch reads (change them and see it)
+    ga = target["ga"].dense()
+    assert ga.min() >= 1.0 and ga.max() > 1.05  # the overlap is marked
+    # the cached file is what the next epoch reads (replace it by authors' files and see them win... no:
+    # a compact file is read first; delete it and put an authors' file instead)
+    (folder / "image_1.npz").unlink()
     np.save(folder / "11.npy", np.full((48, 56), 1.25, np.float32))
     _, again = dataset[0]
-    assert torch.allclose(again["ga"][0], torch.full((48, 56), 1.25))
+    assert torch.allclose(again["ga"].dense()[0], torch.full((48, 56), 1.25))
+    assert (folder / "image_1.npz").is_file()  # 12 was missing: the image's maps were computed again
     # mask_rcnn mode needs no maps at all
     cfg = load_config(None, [f"data.root={tmp_path}", "model.num_classes=1", "model.mode=mask_rcnn"])
     assert "ga" not in build_dataset(cfg, "train", is_train=True)[0][1]
@@ -150,5 +183,5 @@ def test_unwritable_map_folder_keeps_maps_in_memory(tmp_path, monkeypatch):
     dataset = build_dataset(cfg, "train", is_train=True)
     with pytest.warns(UserWarning, match="not writable"):
         _, target = dataset[0]
-    assert target["ga"].max() > 1.05
-    assert not list((tmp_path / "train" / "anomap_ws5_f0.5_ol0.1").glob("*.npy"))
+    assert target["ga"].dense().max() > 1.05
+    assert not list((tmp_path / "train" / "anomap_ws5_f0.5_ol0.1").iterdir())
