@@ -7,9 +7,12 @@
 
 The config is the one saved in the checkpoint (+ `key=value` overrides, e.g. `data.root=... test.aji_mode=gains`)
 unless `--config` is given. Outputs: `metrics.json`, `results_{split}.json` (COCO results: RLE masks, json
-category ids) and `vis/*.png` in --out (default: `eval_{split}` beside the checkpoint). With --images:
-`overlays/<file>.png`, `masks/<file>.npz` (masks bool [N,H,W], scores, labels, boxes), `results.json` and
-`images.json` (file name <-> image id 1..N in sorted name order). The library is gains/evaluation.py.
+category ids) and `vis/*.png` in --out (default: `eval_{split}` beside the checkpoint). With --images (any
+image size: images larger than test.tile_size are predicted tile by tile, test.tiling=auto|always|never):
+`labels/<file>_labels.tif` (instance label image for Fiji / napari), `rois/<file>_rois.zip` (ImageJ ROI
+set), `masks/<file>.npz` (exact, overlapping masks as crops: gains.exports.read_instances_npz),
+`overlays/<file>.png`, `results.json` and `images.json` (file name <-> image id 1..N in sorted name order).
+The library is gains/evaluation.py and gains/inference.py.
 """
 from __future__ import annotations
 

@@ -28,17 +28,7 @@ import numpy as np
 import torch
 
 from .coco import DataError, ImageRecord
-from .gamm import map_folder_name
-try:  # TEMP until gamm.py grows the crop API
-    from .gamm import compute_ga_crops, gamm_mask_crops
-except ImportError:
-    from .gamm import compute_ga_maps, gamm_masks
-
-    def gamm_mask_crops(segs, h, w):
-        return gamm_masks(segs, h, w)
-
-    def compute_ga_crops(masks, *a, **k):
-        return [dense_to_crop(m) for m in compute_ga_maps(masks, *a, **k)]
+from .gamm import compute_ga_crops, gamm_mask_crops, map_folder_name
 from .sparse_maps import SparseMaps
 
 MAP_DTYPES = ("float32", "float16", "float64")

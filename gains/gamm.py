@@ -5,11 +5,32 @@ definition runs in float64 numpy only where a value can be non-zero: windows hol
 instance, and for pairs windows holding pixels of both; elsewhere the value is known exactly. Each
 statistic is a two-pass mean/std over its own ws² values (no cumulative-sum differencing, ~1e-16 relative
 noise), because where the original anomaly is exactly 0 the final X / (max X + 1e-7) amplifies any noise.
+Masks are kept as crops (`CropMasks`) and maps are returned as crops on their support (`compute_ga_crops`):
+memory and time are O(sum of support areas + interacting pairs), never N x H x W; only instances whose
+boxes meet are ever paired (found by binning boxes, `gamm_windows.overlapping_pairs`).
 
 Conventions: pixel (row m, col n); a window is named by its top-left corner (i, j), 0 <= i <= H-ws,
-0 <= j <= W-ws; boxes are COCO xywh pixels. Deviations (§7.1–7.3): a target without another target in its
-context (single-target image, isolated nucleus) or with an empty mask gets an all-ones map; multi-polygon
-instances are the union of their polygons.
+0 <= j <= W-ws; COCO boxes are xywh pixels, crop boxes (x0, y0, x1, y1) int, exclusive. Deviations
+(§7.1–7.3): a target without another target in its context (single-target image, isolated nucleus) or
+with an empty mask gets an all-ones map; multi-polygon instances are the union of their polygons.
+
+Support of a map. Let w be a target that gets a map, its mask's pixels in rows y0..y1, columns x0..x1.
+Its map is exactly 1.0 outside the box
+    rows [max(0, y0-ws+1), y1+1), or [max(0, y0-ws+1), H) when y1 >= H-ws; columns likewise with x, W
+(the "painted region"; nuclei variant: the same construction applied to the window corners allowed by
+both the mask and the group's inter ranges of §2.5, a sub-box of it). Proof sketch:
+  1. I_w(i, j) is 0 unless window (i, j) holds a pixel of M_w, i.e. max(0, y0-ws+1) <= i <= min(H-ws, y1)
+     and likewise j (nuclei: and (i, j) in the inter ranges).
+  2. Pixel y takes window row min(y, H-ws) (§2.3): Map(I_w) is 0 outside those window rows, plus the
+     clamped strip y > H-ws when the last window row H-ws is among them (y1 >= H-ws); columns alike.
+  3. §2.4 starts from X = Map(I_w) >= 0; every subtraction is followed by max(., 0), so X stays 0 where it
+     is 0; the overlap bonus only touches M_w, which lies inside the box. (Nuclei: X = max(MapI - MapO, 0).)
+  4. X = 0 gives 0 · mag / max(mag) = 0, then 0 / (max X + 1e-7) · GA + 1 = 1 for either sign; (1+1)/2 = 1.
+The box is tight for what can be said from the windows: each of its pixels is painted by a window holding
+a mask pixel (nuclei: in range). Values inside can still be exactly 1 (isbi windows without a neighbour,
+where I == O exactly). The weaker claim "1 outside the instance's box grown by ws" follows: the box
+starts ws-1 above/left of the mask, and ends at y1 below unless y1 >= H-ws, where y1 + ws >= H reaches the
+image edge anyway; a COCO bbox of the polygon holds the pixel bbox, so it holds for that box too.
 """
 from __future__ import annotations
 
@@ -17,12 +38,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
-from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_utils
 
+from . import gamm_windows as gw
+from .instances import CropMasks
+
 VARIANTS = ("isbi", "chrom", "nuclei")
-SENTINEL = -4.0  # direction outside the mask; outside [-pi, pi] on purpose (original value)
+SENTINEL = gw.SENTINEL  # direction outside the mask; outside [-pi, pi] on purpose (original value)
 NORM_EPS = 1e-7  # the original's X / (max X + 1e-7)
+EMPTY_BOX = (0, 0, 0, 0)
 
 
 def map_folder_name(window_size, ga_factor, overlap_hl) -> str:
@@ -34,41 +58,64 @@ def map_folder_name(window_size, ga_factor, overlap_hl) -> str:
 
 
 # ----------------------------------------------------------------------------------------- masks
-def gamm_masks(segmentations: list, height: int, width: int) -> np.ndarray:
-    """Rasterise COCO segmentations the way the original GAMM scripts do.
+def gamm_mask_crops(segmentations: list, height: int, width: int) -> CropMasks:
+    """Rasterise COCO segmentations the way the original GAMM scripts do, as tight crops.
 
     Args:
         segmentations: N items, each a list of flat polygons ``[x0, y0, x1, y1, ...]`` (their union) or an
             RLE dict (``counts`` compressed str/bytes or uncompressed list, ``size`` [H, W]).
         height, width: image size.
     Returns:
-        bool [N, H, W]. Polygon pixel (row m, col n) is inside iff the point (x=n, y=m) is strictly inside
-        (pixel centres at integer coordinates, like matplotlib ``Path.contains_points``; pycocotools'
-        rasteriser is half a pixel off). Polygons with fewer than 3 points are skipped.
+        CropMasks of N masks on tight boxes (empty mask: box (0, 0, 0, 0)). Polygon pixel (row m, col n) is
+        inside iff the point (x=n, y=m) is strictly inside (pixel centres at integer coordinates, like
+        matplotlib ``Path.contains_points``; pycocotools' rasteriser is half a pixel off). Polygons with
+        fewer than 3 points are skipped. Polygons are tested on the lattice of their bbox only; an RLE is
+        decoded at full size, one instance at a time, then cropped.
     """
-    out = np.zeros((len(segmentations), height, width), dtype=bool)
+    boxes, crops = np.zeros((len(segmentations), 4), np.int64), []
     for k, seg in enumerate(segmentations):
-        out[k] = _rle_mask(seg, height, width) if isinstance(seg, dict) else _polygons_mask(seg, height, width)
-    return out
+        box, crop = _rle_crop(seg, height, width) if isinstance(seg, dict) else _polygons_crop(seg, height, width)
+        boxes[k] = box
+        crops.append(crop)
+    return CropMasks(boxes, crops, (height, width))
 
 
-def _polygons_mask(polygons, height, width):
-    mask = np.zeros((height, width), dtype=bool)
+def gamm_masks(segmentations: list, height: int, width: int) -> np.ndarray:
+    """bool [N, H, W]: ``gamm_mask_crops(...).dense()`` (same semantics; N x H x W bytes, small images)."""
+    return gamm_mask_crops(segmentations, height, width).dense()
+
+
+def _tight(crop, x0, y0):
+    """(box, crop) shrunk to the crop's pixels; (EMPTY_BOX, [0, 0]) when it has none."""
+    rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+    if rows.size == 0:
+        return EMPTY_BOX, np.zeros((0, 0), bool)
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return (x0 + c0, y0 + r0, x0 + c1, y0 + r1), np.ascontiguousarray(crop[r0:r1, c0:c1])
+
+
+def _polygons_crop(polygons, height, width):
+    parts = []  # (vertices, inclusive lattice box r0, r1, c0, c1) of each polygon with lattice points
     for flat in polygons:
         xy = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
         if len(xy) < 3:
             continue
-        # Test only the lattice points of the polygon's bounding box.
         c0, r0 = np.maximum(np.ceil(xy.min(0)), 0).astype(int)
         c1, r1 = np.minimum(np.floor(xy.max(0)), [width - 1, height - 1]).astype(int)
-        if c1 < c0 or r1 < r0:
-            continue
+        if c1 >= c0 and r1 >= r0:
+            parts.append((xy, r0, r1, c0, c1))
+    if not parts:
+        return EMPTY_BOX, np.zeros((0, 0), bool)
+    R0, C0 = min(p[1] for p in parts), min(p[3] for p in parts)
+    R1, C1 = max(p[2] for p in parts), max(p[4] for p in parts)
+    crop = np.zeros((R1 - R0 + 1, C1 - C0 + 1), dtype=bool)
+    for xy, r0, r1, c0, c1 in parts:
         rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1]
-        mask[r0:r1 + 1, c0:c1 + 1] |= shapely.contains_xy(shapely.Polygon(xy), cols, rows)
-    return mask
+        crop[r0 - R0:r1 + 1 - R0, c0 - C0:c1 + 1 - C0] |= shapely.contains_xy(shapely.Polygon(xy), cols, rows)
+    return _tight(crop, int(C0), int(R0))
 
 
-def _rle_mask(rle, height, width):
+def _rle_crop(rle, height, width):
     if isinstance(rle["counts"], list):  # uncompressed RLE
         rle = mask_utils.frPyObjects(rle, height, width)
     elif isinstance(rle["counts"], str):
@@ -76,7 +123,7 @@ def _rle_mask(rle, height, width):
     mask = mask_utils.decode(rle).astype(bool)
     if mask.shape != (height, width):
         raise ValueError(f"RLE of size {mask.shape} does not match the image size {(height, width)}")
-    return mask
+    return _tight(mask, 0, 0)
 
 
 # ------------------------------------------------------------------------------- nuclei groups
@@ -86,18 +133,19 @@ def nuclei_groups(boxes_xywh, window_size, height, width) -> list:
 
     boxes_xywh: float [N, 4] COCO boxes, each expanded by ``window_size`` on every side; i and j interact when
     the expanded boxes overlap with positive area and neither contains the other. height, width: unused,
-    kept for the API (as in §2.5, the expanded boxes are not clipped to the image).
+    kept for the API (as in §2.5, the expanded boxes are not clipped to the image). Only pairs of boxes
+    that meet are examined, so thousands of instances are cheap.
     """
     b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
     x0, y0 = b[:, 0] - window_size, b[:, 1] - window_size
     x1, y1 = b[:, 0] + b[:, 2] + window_size, b[:, 1] + b[:, 3] + window_size
-    meet = ((x0[:, None] < x1[None]) & (x0[None] < x1[:, None])
-            & (y0[:, None] < y1[None]) & (y0[None] < y1[:, None]))
-    contains = ((x0[:, None] <= x0[None]) & (y0[:, None] <= y0[None])  # [i, j]: box i contains box j
-                & (x1[:, None] >= x1[None]) & (y1[:, None] >= y1[None]))
-    interact = meet & ~contains & ~contains.T
-    np.fill_diagonal(interact, False)
-    return [[i] + [int(j) for j in np.flatnonzero(interact[i])] for i in range(len(b))]
+    i, j = gw.overlapping_pairs(x0, y0, x1, y1)
+
+    def contains(p, q):  # box p contains box q
+        return (x0[p] <= x0[q]) & (y0[p] <= y0[q]) & (x1[p] >= x1[q]) & (y1[p] >= y1[q])
+
+    keep = ~contains(i, j) & ~contains(j, i)
+    return [[k] + partners for k, partners in enumerate(gw.neighbours(len(b), i[keep], j[keep]))]
 
 
 def _group_window_ranges(boxes_xywh, group, ws, height, width):
@@ -112,276 +160,147 @@ def _group_window_ranges(boxes_xywh, group, ws, height, width):
     return intra, inter
 
 
-# ------------------------------------------------------------------------------ radial fields
-def _gradients(cy, cx, rows, cols, height, width):
-    """(gy, gx) of z = (m-cy)² + (n-cx)² on the pixel block ``rows`` × ``cols`` ((start, stop) pairs).
-
-    Bitwise equal to ``np.gradient(z)`` over the whole image: np.gradient is local, so computing it on the
-    block grown by one pixel (clipped to the image) reproduces the central and one-sided differences.
-    """
-    (r0, r1), (c0, c1) = rows, cols
-    R0, R1, C0, C1 = max(0, r0 - 1), min(height, r1 + 1), max(0, c0 - 1), min(width, c1 + 1)
-    m = np.arange(R0, R1, dtype=np.float64)[:, None]
-    n = np.arange(C0, C1, dtype=np.float64)[None, :]
-    gy, gx = np.gradient((m - cy) ** 2 + (n - cx) ** 2)
-    block = (slice(r0 - R0, r1 - R0), slice(c0 - C0, c1 - C0))
-    return gy[block], gx[block]
-
-
-def _magnitude(cy, cx, rows, cols, height, width):
-    gy, gx = _gradients(cy, cx, rows, cols, height, width)
-    return np.sqrt(gy ** 2 + gx ** 2)
-
-
-def _max_magnitude(cy, cx, height, width):
-    """max over the image of |grad z|. Inside rows/cols 1..H-2 it is 2·distance to the centroid, largest
-    on that block's border, so the two outermost rows and columns hold the maximum."""
-    bands = [((0, min(2, height)), (0, width)), ((max(0, height - 2), height), (0, width)),
-             ((0, height), (0, min(2, width))), ((0, height), (max(0, width - 2), width))]
-    return max(_magnitude(cy, cx, r, c, height, width).max() for r, c in bands)
-
-
-@dataclass
-class _Geometry:
-    """Sign-independent data of one non-empty mask. The "pad" (mask bbox grown by ws-1, may stick out of
-    the image) holds every pixel of every window touching the mask; the "window box" holds those windows'
-    top-left corners (clipped to the image)."""
-    cy: float
-    cx: float
-    bbox: tuple          # (y0, y1, x0, x1) inclusive, pixels
-    pad_origin: tuple    # global (row, col) of pad[0, 0]
-    inside_pad: np.ndarray  # bool [ph, pw]
-    win_origin: tuple    # global top-left (i, j) of the window box's first window
-    counts: np.ndarray   # int [nr, nc]: mask pixels in each window of the window box
-    mag_max: float
-
-
-def _geometry(mask, ws):
-    height, width = mask.shape
-    rows, cols = np.nonzero(mask)
-    y0, y1, x0, x1 = rows.min(), rows.max(), cols.min(), cols.max()
-    pad_r0, pad_c0 = y0 - ws + 1, x0 - ws + 1
-    inside = np.zeros((y1 - y0 + 2 * ws - 1, x1 - x0 + 2 * ws - 1), dtype=bool)
-    inside[ws - 1:ws + y1 - y0, ws - 1:ws + x1 - x0] = mask[y0:y1 + 1, x0:x1 + 1]
-    # Integer box sums are exact, unlike float cumulative sums.
-    s = np.zeros((inside.shape[0] + 1, inside.shape[1] + 1), dtype=np.int64)
-    s[1:, 1:] = inside.cumsum(0).cumsum(1)
-    all_counts = s[ws:, ws:] - s[:-ws, ws:] - s[ws:, :-ws] + s[:-ws, :-ws]
-    i0, i1 = max(0, pad_r0), min(height - ws, y1)
-    j0, j1 = max(0, pad_c0), min(width - ws, x1)
-    counts = all_counts[i0 - pad_r0:i1 + 1 - pad_r0, j0 - pad_c0:j1 + 1 - pad_c0]
-    cy, cx = rows.sum() / rows.size, cols.sum() / cols.size
-    return _Geometry(cy, cx, (y0, y1, x0, x1), (pad_r0, pad_c0), inside, (i0, j0), counts,
-                     _max_magnitude(cy, cx, height, width))
-
-
-def _direction_pad(g, sign, ws, height, width):
-    """float64 [ph, pw]: arctan2(gy, sign·gx) inside the mask, SENTINEL elsewhere, on the geometry's pad."""
-    y0, y1, x0, x1 = g.bbox
-    gy, gx = _gradients(g.cy, g.cx, (y0, y1 + 1), (x0, x1 + 1), height, width)
-    pad = np.full(g.inside_pad.shape, SENTINEL)
-    box = (slice(ws - 1, ws + y1 - y0), slice(ws - 1, ws + x1 - x0))
-    inside = g.inside_pad[box]
-    pad[box][inside] = np.arctan2(gy, sign * gx)[inside]
-    return pad
-
-
-# -------------------------------------------------------------------------- window statistics
-_BLOCK = 1 << 21  # gathered values per block of windows: every temporary stays under ~16 MB for any ws
-
-
-def _gather(pad, origin, ii, jj, ws):
-    """[n, ws²] values of the windows with global top-left corners (ii, jj) from a pad at ``origin``."""
-    view = sliding_window_view(pad, (ws, ws))
-    return view[ii - origin[0], jj - origin[1]].reshape(len(ii), ws * ws)
-
-
-def _std(values):
-    """Population std of each row (two-pass, like np.std): float64 [n, m] -> [n]."""
-    dev = values - values.mean(axis=1, keepdims=True)
-    return np.sqrt((dev * dev).mean(axis=1))
-
-
-def _masked_std(values, inside):
-    """Population std of the ``inside`` entries of each row; every row needs one. [n, m] -> [n]."""
-    count = inside.sum(axis=1)
-    mean = np.where(inside, values, 0.0).sum(axis=1) / count
-    dev = np.where(inside, values - mean[:, None], 0.0)
-    return np.sqrt((dev * dev).sum(axis=1) / count)
-
-
-def _blockwise(fn, n, ws):
-    """Concatenated fn(slice of windows) over blocks of <= _BLOCK gathered values (n > 0 windows)."""
-    step = max(1, _BLOCK // (ws * ws))
-    return np.concatenate([fn(slice(s, s + step)) for s in range(0, n, step)])
-
-
-@dataclass
-class _Intra:
-    """Window statistics of one instance for one sign; grids cover its window box, 0 off the mask."""
-    dirs: np.ndarray    # float64 [ph, pw] direction pad
-    intra: np.ndarray   # float64 [nr, nc] intra value: d1 (chrom) or min(d1, d2)
-    lonely: np.ndarray  # float64 [nr, nc] inter term where the other instance has no pixel in the window
-
-
-def _intra(g, sign, variant, ws, height, width):
-    dirs = _direction_pad(g, sign, ws, height, width)
-    li, lj = np.nonzero(g.counts)
-    ii, jj = li + g.win_origin[0], lj + g.win_origin[1]
-
-    def d1_d2(s):
-        values = _gather(dirs, g.pad_origin, ii[s], jj[s], ws)
-        inside = _gather(g.inside_pad, g.pad_origin, ii[s], jj[s], ws)
-        return np.stack([_std(values), _masked_std(values, inside)], axis=1)
-
-    d1, d2 = _blockwise(d1_d2, len(ii), ws).T
-    # Without neighbour pixels dir_k == SENTINEL all over the window, so e1 == d1 and e2 == d2 in exact
-    # maths. Using these very numbers makes I - O exactly 0 there (isbi) or <= 0 (chrom), where rounding
-    # noise would be blown up by the final X / (max X + 1e-7). For nuclei, d1 - min(d1, d2) is real.
-    intra, lonely = np.zeros(g.counts.shape), np.zeros(g.counts.shape)
-    intra[li, lj] = d1 if variant == "chrom" else np.minimum(d1, d2)
-    lonely[li, lj] = d1 if variant == "nuclei" else np.minimum(d1, d2)
-    return _Intra(dirs, intra, lonely)
-
-
-def _shared_windows(ga, gk):
-    """Global corners (ii, jj) of the windows holding pixels of both instances (maybe empty)."""
-    r0, c0 = max(ga.win_origin[0], gk.win_origin[0]), max(ga.win_origin[1], gk.win_origin[1])
-    r1 = min(ga.win_origin[0] + ga.counts.shape[0], gk.win_origin[0] + gk.counts.shape[0])
-    c1 = min(ga.win_origin[1] + ga.counts.shape[1], gk.win_origin[1] + gk.counts.shape[1])
-    if r1 <= r0 or c1 <= c0:  # window-dilated boxes do not meet
-        return np.zeros(0, int), np.zeros(0, int)
-
-    def crop(g):
-        return g.counts[r0 - g.win_origin[0]:r1 - g.win_origin[0], c0 - g.win_origin[1]:c1 - g.win_origin[1]]
-
-    li, lj = np.nonzero((crop(ga) > 0) & (crop(gk) > 0))
-    return li + r0, lj + c0
-
-
-def _pair_terms(ga, gk, sa, sk, variant, ws):
-    """(ii, jj, term): inter term of a and k (symmetric) at the global corners of the windows holding
-    pixels of both, or None when there is none."""
-    ii, jj = _shared_windows(ga, gk)
-    if ii.size == 0:
-        return None
-
-    def term(s):
-        va = _gather(sa.dirs, ga.pad_origin, ii[s], jj[s], ws)
-        vk = _gather(sk.dirs, gk.pad_origin, ii[s], jj[s], ws)
-        e1 = _std(vk - va)
-        if variant == "nuclei":
-            return e1
-        inside = np.concatenate([_gather(gk.inside_pad, gk.pad_origin, ii[s], jj[s], ws),
-                                 _gather(ga.inside_pad, ga.pad_origin, ii[s], jj[s], ws)], axis=1)
-        return np.minimum(e1, _masked_std(np.concatenate([vk, va], axis=1), inside))
-
-    return ii, jj, _blockwise(term, len(ii), ws)
-
-
-# ---------------------------------------------------------------------- window maps to pixels
-def _painted_region(g, ws, height, width):
-    """Pixels where Map(D) of a window-box grid can be non-zero, as ((r0, r1), (c0, c1)) half-open.
-
-    A pixel takes the window whose top-left corner it is, clamped to the last window (§2.3), so the last
-    window row/column also covers the image's bottom/right strip. It contains every pixel of the mask.
-    """
-    (i0, j0), (nr, nc) = g.win_origin, g.counts.shape
-    r1 = height if i0 + nr - 1 == height - ws else i0 + nr
-    c1 = width if j0 + nc - 1 == width - ws else j0 + nc
-    return (i0, r1), (j0, c1)
-
-
-def _paint(grid, origin, region, ws, height, width):
-    """Map(D) on a pixel region: pixel (y, x) = D[min(y, H-ws), min(x, W-ws)], D = ``grid`` placed at window
-    corner ``origin`` and 0 elsewhere. Returns float64 [r1-r0, c1-c0]."""
-    (r0, r1), (c0, c1) = region
-    ri = np.minimum(np.arange(r0, r1), height - ws) - origin[0]
-    ci = np.minimum(np.arange(c0, c1), width - ws) - origin[1]
-    ok_r, ok_c = (ri >= 0) & (ri < grid.shape[0]), (ci >= 0) & (ci < grid.shape[1])
-    out = np.zeros((r1 - r0, c1 - c0))
-    out[np.ix_(ok_r, ok_c)] = grid[np.ix_(ri[ok_r], ci[ok_c])]
-    return out
-
-
-def _meet(a, b):  # two ((r0, r1), (c0, c1)) half-open pixel regions overlap
-    return all(max(p[0], q[0]) < min(p[1], q[1]) for p, q in zip(a, b))
-
-
-def _restrict(grid, origin, ranges):
-    """Zero a window grid outside the top-left ranges ((r0, r1), (c0, c1)) of the nuclei variant."""
-    (r0, r1), (c0, c1) = ranges
-    keep = np.zeros(grid.shape, dtype=bool)
-    keep[max(0, r0 - origin[0]):max(0, r1 - origin[0]), max(0, c0 - origin[1]):max(0, c1 - origin[1])] = True
-    return np.where(keep, grid, 0.0)
-
-
 # ------------------------------------------------------------------------------------ driver
-def compute_ga_maps(masks, category_ids, boxes_xywh, *, variant, window_size, ga_factor, overlap_hl,
-                    target_category_id) -> np.ndarray:
-    """GA maps of all instances of one image (GAINS_METHOD.md §2), in annotation order.
+def compute_ga_crops(masks, category_ids, boxes_xywh, *, variant, window_size, ga_factor, overlap_hl,
+                     target_category_id) -> list:
+    """GA maps of all instances of one image (GAINS_METHOD.md §2), in annotation order, as crops.
 
     Args:
-        masks: bool [N, H, W] instance masks (see ``gamm_masks``).
+        masks: CropMasks of N masks (see ``gamm_mask_crops``) or bool [N, H, W].
         category_ids: N ints, the json's original category ids.
         boxes_xywh: float [N, 4] COCO bboxes; used by the nuclei variant only (may be None otherwise).
         variant: one of VARIANTS. window_size: int window side. ga_factor: maps lie in [1, 1+ga_factor].
         overlap_hl: bonus on overlap pixels (isbi, chrom). target_category_id: category that gets maps.
     Returns:
-        float64 [N, H, W]. Non-targets, targets without another target in their context (single-target
-        image, isolated nucleus; §7.1/§7.2), empty masks and images smaller than a window get all ones.
+        N pairs (box, crop): box (x0, y0, x1, y1) int, exclusive, inside the image; crop float64
+        [y1-y0, x1-x0]. The full map is the crop on the box and exactly 1.0 elsewhere; the box is the
+        support of the module docstring. Non-targets, targets without another target in their context
+        (single-target image, isolated nucleus; §7.1/§7.2), empty masks and images smaller than a window
+        get the box (0, 0, 0, 0) and a [0, 0] crop.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
-    n, height, width = masks.shape
-    ws = int(window_size)
+    masks = _as_crop_masks(masks)
+    n, (height, width), ws = len(masks), masks.image_size, int(window_size)
     if len(category_ids) != n or ws < 1:
         raise ValueError(f"{len(category_ids)} category ids for {n} masks, window_size {window_size}")
     if variant == "nuclei" and n and np.shape(boxes_xywh) != (n, 4):
         raise ValueError(f"the nuclei variant needs boxes_xywh of shape ({n}, 4), got {np.shape(boxes_xywh)}")
-    out = np.ones((n, height, width))
+    out = [(EMPTY_BOX, np.ones((0, 0))) for _ in range(n)]
     if n == 0 or height < max(ws, 2) or width < max(ws, 2):
         return out
     targets = [k for k in range(n) if category_ids[k] == target_category_id]
-    geoms = {k: _geometry(masks[k], ws) for k in targets if masks[k].any()}
+    geoms = {}
+    for k in targets:
+        if (g := gw.geometry(masks.crops[k], masks.boxes[k, :2], ws, height, width)) is not None:
+            geoms[k] = g
     contexts = _contexts(variant, targets, geoms, boxes_xywh, ws, height, width)
-    regions = {k: _painted_region(g, ws, height, width) for k, g in geoms.items()}
-    passes = [_SignPass(sign, masks, geoms, contexts, regions, variant, ws) for sign in (+1, -1)]
-    for w in contexts:
-        (r0, r1), (c0, c1) = regions[w]
-        plus, minus = (p.half_map(w, float(ga_factor), float(overlap_hl)) for p in passes)
-        out[w, r0:r1, c0:c1] = (plus + minus) / 2
+    layout = _Layout(variant, geoms, contexts, ws, height, width)
+    halves = {w: [] for w in layout.supports}
+    for sign in (+1, -1):  # one sign at a time: its window statistics are freed before the next
+        signed = _SignPass(sign, layout, variant)
+        for w in halves:
+            halves[w].append(signed.half_map(w, float(ga_factor), float(overlap_hl)))
+    for w, (plus, minus) in halves.items():
+        (r0, r1), (c0, c1) = layout.supports[w]
+        out[w] = ((int(c0), int(r0), int(c1), int(r1)), (plus + minus) / 2)
     return out
 
 
+def compute_ga_maps(masks, category_ids, boxes_xywh, *, variant, window_size, ga_factor, overlap_hl,
+                    target_category_id) -> np.ndarray:
+    """Dense GA maps: float64 [N, H, W], ``compute_ga_crops`` pasted on ones (same arguments; masks bool
+    [N, H, W] or CropMasks). N x H x W x 8 bytes: for small images, tests and the authors' file layout."""
+    crops = compute_ga_crops(masks, category_ids, boxes_xywh, variant=variant, window_size=window_size,
+                             ga_factor=ga_factor, overlap_hl=overlap_hl, target_category_id=target_category_id)
+    height, width = masks.image_size if isinstance(masks, CropMasks) else np.shape(masks)[1:]
+    out = np.ones((len(crops), height, width))
+    for k, ((x0, y0, x1, y1), crop) in enumerate(crops):
+        out[k, y0:y1, x0:x1] = crop
+    return out
+
+
+def _as_crop_masks(masks):
+    if isinstance(masks, CropMasks):
+        return masks
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
+    return CropMasks.from_dense(masks)
+
+
+@dataclass
+class _Context:
+    """What target w is compared with: its inter value is a mean over ``count`` other targets, of which
+    only ``partners`` (non-empty masks, window boxes meeting w's; ascending, the original's order) can
+    differ from the lonely value. ``ranges``: nuclei window ranges (intra, inter), else None."""
+    count: int
+    partners: list
+    ranges: tuple | None
+
+
 def _contexts(variant, targets, geoms, boxes_xywh, ws, height, width):
-    """w -> (other targets w is compared with, nuclei window ranges (intra, inter) or None), for the w
-    that get a real map: non-empty targets with at least one other target in their context."""
+    """w -> _Context, for the w that get a real map: non-empty targets with another target in context."""
     if variant != "nuclei":
         if len(targets) < 2:
             return {}
-        return {w: ([k for k in targets if k != w], None) for w in geoms}
+        near = _meeting({k: g.window_box() for k, g in geoms.items()})
+        return {w: _Context(len(targets) - 1, near[w], None) for w in sorted(geoms)}
     groups = nuclei_groups(boxes_xywh, ws, height, width)
     is_target = set(targets)
     contexts = {}
     for w in geoms:
         others = [k for k in groups[w][1:] if k in is_target]
         if others:
-            contexts[w] = (others, _group_window_ranges(boxes_xywh, groups[w], ws, height, width))
+            partners = [k for k in others if k in geoms and _meet(geoms[w].window_box(), geoms[k].window_box())]
+            contexts[w] = _Context(len(others), partners,
+                                   _group_window_ranges(boxes_xywh, groups[w], ws, height, width))
     return contexts
+
+
+def _meet(a, b):  # two regions ((r0, r1), (c0, c1)) overlap
+    return all(max(p[0], q[0]) < min(p[1], q[1]) for p, q in zip(a, b))
+
+
+def _meeting(regions):
+    """{k: ascending list of the other keys whose region meets k's} for {k: ((r0, r1), (c0, c1))}, from
+    binned box pairs (no all-pairs loop)."""
+    keys = sorted(regions)
+    if not keys:
+        return {}
+    boxes = np.array([[c[0], r[0], c[1], r[1]] for r, c in (regions[k] for k in keys)])
+    near = gw.neighbours(len(keys), *gw.overlapping_pairs(*boxes.T))
+    return {k: [keys[q] for q in near[p]] for p, k in enumerate(keys)}
+
+
+class _Layout:
+    """Sign-independent layout: geometries, contexts, painted regions, the support of every map, and for
+    isbi/chrom the instances whose painted regions meet w's (w included, ascending)."""
+
+    def __init__(self, variant, geoms, contexts, ws, height, width):
+        self.geoms, self.contexts, self.ws, self.height, self.width = geoms, contexts, ws, height, width
+        self.regions = {k: gw.painted_region(g, ws, height, width) for k, g in geoms.items()}
+        self.supports = {}
+        for w, ctx in contexts.items():
+            support = self.regions[w]
+            if ctx.ranges is not None:  # nuclei: the windows allowed by both the mask and the inter ranges
+                rows, cols = gw.intersect(geoms[w].window_box(), ctx.ranges[1])
+                support = gw.paint_extent(rows, ws, height), gw.paint_extent(cols, ws, width)
+            if support[0][1] > support[0][0] and support[1][1] > support[1][0]:
+                self.supports[w] = support  # an empty support is an all-ones map
+        self.meeting = {}
+        if variant != "nuclei" and contexts:
+            self.meeting = {w: sorted([w] + near) for w, near in _meeting(self.regions).items()}
 
 
 class _SignPass:
     """One sign f of §2.1: window statistics of every instance, pair terms on demand, the half maps."""
 
-    def __init__(self, sign, masks, geoms, contexts, regions, variant, ws):
-        self.masks, self.geoms, self.contexts, self.regions = masks, geoms, contexts, regions
-        self.variant, self.ws = variant, ws
-        self.height, self.width = masks.shape[1:]
-        self.stats = {k: _intra(g, sign, variant, ws, self.height, self.width) for k, g in geoms.items()}
+    def __init__(self, sign, layout, variant):
+        self.layout, self.geoms, self.variant, self.ws = layout, layout.geoms, variant, layout.ws
+        self.height, self.width = layout.height, layout.width
+        self.stats = {k: gw.intra_stats(g, sign, variant, self.ws, self.height, self.width)
+                      for k, g in self.geoms.items()}
         self._pairs, self._means = {}, {}
 
     def pair(self, a, k):
@@ -389,9 +308,8 @@ class _SignPass:
         key = (min(a, k), max(a, k))
         if key not in self._pairs:
             lo, hi = key
-            both = lo in self.geoms and hi in self.geoms  # an empty mask has no window
-            self._pairs[key] = _pair_terms(self.geoms[lo], self.geoms[hi], self.stats[lo], self.stats[hi],
-                                           self.variant, self.ws) if both else None
+            self._pairs[key] = gw.pair_terms(self.geoms[lo], self.geoms[hi], self.stats[lo], self.stats[hi],
+                                             self.variant, self.ws)
         return self._pairs[key]
 
     def means(self, w):
@@ -399,52 +317,64 @@ class _SignPass:
 
         I is the mean over the other targets of the pair term, which is the "lonely" value wherever the
         other has no pixel; windows without any neighbour get that value itself, so I == O exactly there
-        (isbi). O, the mean of one identical intra value per other target, is that value.
+        (isbi). O, the mean of one identical intra value per other target, is that value. Only partners
+        can share a window with w; they are summed in the original's (ascending) order.
         """
         if w not in self._means:
-            others, stats, origin = self.contexts[w][0], self.stats[w], self.geoms[w].win_origin
+            ctx, stats, origin = self.layout.contexts[w], self.stats[w], self.geoms[w].win_origin
             total, present = np.zeros(stats.intra.shape), np.zeros(stats.intra.shape, dtype=int)
-            for k in others:  # work in proportion to the windows two instances share
+            for k in ctx.partners:  # work in proportion to the windows two instances share
                 if (p := self.pair(w, k)) is not None:
                     total[p[0] - origin[0], p[1] - origin[1]] += p[2]
                     present[p[0] - origin[0], p[1] - origin[1]] += 1
-            n = len(others)
+            n = ctx.count
             inter = np.where(present > 0, (total + (n - present) * stats.lonely) / n, stats.lonely)
             self._means[w] = inter, stats.intra
         return self._means[w]
 
     def half_map(self, w, ga_factor, overlap_hl):
-        """§2.4 for this sign: float64 map of w on ``regions[w]``, in [1, 1+ga_factor]."""
-        g, region, ranges = self.geoms[w], self.regions[w], self.contexts[w][1]
+        """§2.4 for this sign: float64 map of w on ``layout.supports[w]``, in [1, 1+ga_factor]."""
+        g, region, ranges = self.geoms[w], self.layout.supports[w], self.layout.contexts[w].ranges
         inter, intra = self.means(w)
         if ranges is None:
-            x = self._subtract_all(w, self._paint(inter, w), overlap_hl)
+            x = self._subtract_all(w, self._paint(inter, w, region), overlap_hl)
         else:  # nuclei: window ranges of the group's box, and only w's own intra map
-            inter = _restrict(inter, g.win_origin, ranges[1])
-            intra = _restrict(intra, g.win_origin, ranges[0])
-            x = np.maximum(self._paint(inter, w) - self._paint(intra, w), 0)
-        mag = _magnitude(g.cy, g.cx, region[0], region[1], self.height, self.width)
+            inter = gw.restrict(inter, g.win_origin, ranges[1])
+            intra = gw.restrict(intra, g.win_origin, ranges[0])
+            x = np.maximum(self._paint(inter, w, region) - self._paint(intra, w, region), 0)
+        mag = gw.magnitude(g.cy, g.cx, region[0], region[1], self.height, self.width)
         x = x * mag / g.mag_max  # the original's operation order, for the last bits
         return x / (x.max() + NORM_EPS) * ga_factor + 1
 
-    def _paint(self, grid, k, w=None):
-        """Map of instance k's window grid on the region of w (default k)."""
-        region = self.regions[k if w is None else w]
-        return _paint(grid, self.geoms[k].win_origin, region, self.ws, self.height, self.width)
+    def _paint(self, grid, k, region):
+        """Map of instance k's window grid on a pixel region."""
+        return gw.paint(grid, self.geoms[k].win_origin, region, self.ws, self.height, self.width)
 
     def _subtract_all(self, w, x, overlap_hl):
         """isbi/chrom: subtract every intra map in annotation order, clamp, add the overlap bonus.
 
         Instances without an intra map (non-targets, empty masks) subtract 0 from an array that is already
-        >= 0, and so do those whose painted region misses w's: both are skipped.
+        >= 0, and so do those whose painted region misses w's: only ``layout.meeting[w]`` is visited.
         """
-        (r0, r1), (c0, c1) = self.regions[w]
-        for k in sorted(self.geoms):
-            if not _meet(self.regions[w], self.regions[k]):
-                continue
-            x = np.maximum(x - self._paint(self.means(k)[1], k, w), 0)
+        region = self.layout.supports[w]
+        for k in self.layout.meeting[w]:
+            x = np.maximum(x - self._paint(self.means(k)[1], k, region), 0)
             if k != w:
-                both = self.masks[w, r0:r1, c0:c1] & self.masks[k, r0:r1, c0:c1]
-                if both.any():
-                    x[both] += overlap_hl
+                self._overlap_bonus(x, region, w, k, overlap_hl)
         return x
+
+    def _overlap_bonus(self, x, region, w, k, overlap_hl):
+        """x[M_w & M_k] += overlap_hl, in place, from the two masks' bbox crops (x lies on ``region``)."""
+        gw_, gk = self.geoms[w], self.geoms[k]
+        y0, y1 = max(gw_.bbox[0], gk.bbox[0]), min(gw_.bbox[1], gk.bbox[1]) + 1
+        x0, x1 = max(gw_.bbox[2], gk.bbox[2]), min(gw_.bbox[3], gk.bbox[3]) + 1
+        if y1 <= y0 or x1 <= x0:
+            return
+        both = self._bbox_part(gw_, y0, y1, x0, x1) & self._bbox_part(gk, y0, y1, x0, x1)
+        if both.any():
+            (r0, _), (c0, _) = region
+            x[y0 - r0:y1 - r0, x0 - c0:x1 - c0][both] += overlap_hl
+
+    def _bbox_part(self, g, y0, y1, x0, x1):
+        """bool [y1-y0, x1-x0]: g's mask on pixel rows y0:y1, cols x0:x1 (inside g's bbox)."""
+        return g.mask_crop(self.ws)[y0 - g.bbox[0]:y1 - g.bbox[0], x0 - g.bbox[2]:x1 - g.bbox[2]]

@@ -105,11 +105,14 @@ def predict_dataset(model: torch.nn.Module, dataset, indices: list[int], score_t
 def encode_results(pred: dict, image_id: int, category_map: CategoryMap | None) -> list[dict]:
     """Predictions of one image (original size, as `postprocess`) -> COCO results entries
     {image_id int, category_id (the json's id), score, bbox [x, y, w, h], segmentation compressed RLE with
-    str counts}. Without a category map the contiguous labels are written as they are."""
-    masks = pred["masks"].numpy()
-    if not len(masks):
+    str counts}. Without a category map the contiguous labels are written as they are.
+
+    pred["masks"]: bool [n,H0,W0] (tensor or array), a `gains.instances.CropMasks` (the Predictor's output:
+    encoded from the crops, never a full-size array) or a list of n COCO RLE dicts; the entries are the same.
+    """
+    rles = mask_rles(pred["masks"])
+    if not len(rles):
         return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     out = []
     for rle, box, label, score in zip(rles, pred["boxes"].tolist(), pred["labels"].tolist(),
                                       pred["scores"].tolist()):
@@ -119,8 +122,22 @@ def encode_results(pred: dict, image_id: int, category_map: CategoryMap | None) 
                     # full precision: re-scoring the file reproduces the in-memory numbers, ties included
                     "score": float(score), "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "segmentation": {"size": [int(s) for s in rle["size"]],
-                                     "counts": rle["counts"].decode("ascii")}})
+                                     "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes)
+                                     else rle["counts"]}})
     return out
+
+
+def mask_rles(masks) -> list[dict]:
+    """One image's masks -> COCO compressed RLEs (pycocotools.mask.encode of the dense masks): from dense
+    bool [n,H,W] (tensor or array), from a CropMasks (its crops only) or a list of RLE dicts (as given)."""
+    if isinstance(masks, (list, tuple)):
+        return list(masks)
+    if hasattr(masks, "to_rles"):
+        return masks.to_rles()
+    masks = masks.numpy() if hasattr(masks, "numpy") else np.asarray(masks)
+    if not len(masks):
+        return []
+    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -187,33 +204,28 @@ def list_images(images_dir) -> list[Path]:
     return files
 
 
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @torch.no_grad()
 def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_map: CategoryMap | None) -> dict:
-    """Predict every image of `images_dir` (any size, 8/16-bit, grey/RGB, PNG/JPEG/TIFF) and write into
-    `out_dir`:
+    """Predict every image of `images_dir` (any size — tiled per `test.tiling` —, 8/16-bit, grey/RGB,
+    PNG/JPEG/TIFF) and write into `out_dir`, for detections with score >= test.score_thresh:
 
-    - `overlays/<file name>.png`: the image with its predicted instances (score >= test.score_thresh);
-    - `masks/<file name>.npz`: `masks` bool [N,H,W] (overlaps kept: one full-size mask per instance),
-      `scores` float32 [N], `labels` int64 [N] (json category ids), `boxes` float32 [N,4] xyxy pixels;
+    - `labels/<file name>_labels.tif`: instance label image (uint16, uint32 from 65,536 instances), pixel =
+      1 + the instance's index in this image's results, 0 = background; where instances overlap the higher
+      score wins the pixel (the npz and the json keep the overlaps);
+    - `rois/<file name>_rois.zip`: ImageJ / Fiji ROI set, one polygon per instance named like its label;
+    - `masks/<file name>.npz`: the exact masks as crops with scores, labels (json category ids) and boxes
+      (`gains.exports.read_instances_npz`; layout documented there);
+    - `overlays/<file name>.png`: the image with the instances scoring >= test.vis_score_thresh;
     - `results.json`: COCO results of the folder; `images.json`: {"images": [{id, file_name, height,
       width}], "categories": [...]}, ids 1..N in sorted file-name order.
-    Under torchrun each rank predicts a disjoint shard and writes its images' files; rank 0 writes the jsons.
+    Memory is O(sum of instance areas) per image, never N x H x W. Under torchrun each rank predicts a
+    disjoint shard and writes its images' files; rank 0 writes the jsons.
     Returns {"num_images", "num_detections", "out_dir"} (rank 0; {} elsewhere).
     """
+    from .exports import coco_results, write_imagej_rois, write_instances_npz, write_label_image
     from .imageio import read_image_array, read_image_size
     from .predictor import Predictor
-    from .visualize import save_instance_panels
+    from .visualize import save_label_overlay
 
     files = list_images(images_dir)
     for path in files:  # unreadable files are reported before anything is written
@@ -223,10 +235,9 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
             raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); convert it to PNG/TIFF "
                             "or move it out of the folder") from None
     out_dir = Path(out_dir)
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(unwrap_model(model), int(cfg.data.min_size_test), int(cfg.data.max_size_test),
-                          normalize=str(cfg.data.normalize))
+    for sub in ("overlays", "masks", "labels", "rois"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.from_config(unwrap_model(model), cfg, progress=dist.is_main_process())
     to_json = category_map.to_json_id if category_map else int
     entries, results = [], []
     for n in shard_indices(len(files), dist.get_rank(), dist.get_world_size()):
@@ -236,20 +247,23 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
         except Exception as e:  # noqa: BLE001 - any decoder error: name the file
             raise DataError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
         pred = predictor([array])[0]
-        keep = pred["scores"] >= float(cfg.test.score_thresh)
-        pred = {k: v[keep] for k, v in pred.items()}
-        h, w = pred["masks"].shape[-2:]
-        labels = np.array([to_json(v) for v in pred["labels"].tolist()], dtype=np.int64)
-        _save_npz_atomic(out_dir / "masks" / f"{path.name}.npz", masks=pred["masks"].numpy(),
-                         scores=pred["scores"].numpy().astype(np.float32), labels=labels,
-                         boxes=pred["boxes"].numpy().astype(np.float32))
-        shown = (pred["scores"] >= float(cfg.test.vis_score_thresh)).numpy()  # the npz keeps them all
-        save_instance_panels(predictor_image(array, cfg), [
-            (f"{path.name}: {int(shown.sum())} instances (score >= {float(cfg.test.vis_score_thresh):g})",
-             pred["masks"].numpy()[shown])],
-                             out_dir / "overlays" / f"{path.name}.png")
+        keep = (pred["scores"] >= float(cfg.test.score_thresh)).numpy()
+        masks = pred["masks"].select(keep)
+        scores = pred["scores"].numpy()[keep].astype(np.float32)
+        labels = np.array([to_json(v) for v in pred["labels"].numpy()[keep].tolist()], dtype=np.int64)
+        boxes = pred["boxes"].numpy()[keep].astype(np.float32)
+        h, w = masks.image_size
+        write_instances_npz(out_dir / "masks" / f"{path.name}.npz", masks, scores, labels, boxes)
+        label_image = masks.label_image(scores)
+        write_label_image(out_dir / "labels" / f"{path.name}_labels.tif", masks, scores)
+        write_imagej_rois(out_dir / "rois" / f"{path.name}_rois.zip", masks)
+        shown = scores >= float(cfg.test.vis_score_thresh)  # the other outputs keep them all
+        shown_labels = np.where(np.isin(label_image, np.flatnonzero(shown) + 1), label_image, 0)
+        save_label_overlay(predictor_image(array, cfg), shown_labels, out_dir / "overlays" / f"{path.name}.png",
+                           f"{path.name}: {int(shown.sum())} instances "
+                           f"(score >= {float(cfg.test.vis_score_thresh):g})")
         entries.append({"id": image_id, "file_name": path.name, "height": int(h), "width": int(w)})
-        results.extend(encode_results(pred, image_id, category_map))
+        results.extend(coco_results(masks, boxes, scores, labels, image_id))
     gathered = dist.all_gather_object((entries, results))
     if not dist.is_main_process():
         return {}

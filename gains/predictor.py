@@ -1,12 +1,15 @@
-"""Inference on raw images of any size: normalise, resize like detectron2, run, paste masks at full size.
+"""Inference on raw images of any size: normalise, resize like detectron2 (whole image or tile by tile), run,
+and return instance masks at the original size as `CropMasks` (memory O(sum of instance areas)).
 
 `paste_masks` uses aligned coordinates, the convention of the training targets (roi_align aligned=True):
 pixel (row i, col j) has its centre at (j + 0.5, i + 0.5) and mask cell c of an M-cell box [x0, x1] covers
 [x0 + c * w / M, x0 + (c + 1) * w / M]. torchvision's paste_masks_in_image rounds boxes to integers and adds
-a pixel (the old unaligned convention), so it is not used.
+a pixel (the old unaligned convention), so it is not used. `paste_masks_to_crops` computes the same pixels
+but keeps only each mask's tight crop. Tiled prediction (large microscopy fields) lives in gains.tiling.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -14,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gains.instances import CropMasks
 from gains.transforms import resized_shape  # the data layer's resize rule, so train and test agree
 
-__all__ = ["Predictor", "paste_masks", "resized_shape", "to_model_image"]
+__all__ = ["Predictor", "paste_masks", "paste_masks_to_crops", "resized_shape", "to_model_image"]
+
+TILING_MODES = ("auto", "always", "never")
 
 
 def _interp_matrix(lo: float, hi: float, start: int, stop: int, m: int, device, dtype) -> Tensor:
@@ -34,20 +40,17 @@ def _interp_matrix(lo: float, hi: float, start: int, stop: int, m: int, device, 
     return weights[:, 1:m + 1]
 
 
-def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5) -> Tensor:
-    """Paste per-box mask probabilities into the image and threshold them.
+def _paste_windows(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float):
+    """Yield (i, (c0, r0, c1, r1), block) for every mask whose box neighbourhood meets the image: block is
+    bool [r1 - r0, c1 - c0] on the masks' device, the thresholded paste on that window (exclusive ends).
 
-    masks float [N,1,M,M] (or [N,M,M]) probabilities; boxes float [N,4] xyxy in the image's pixels;
-    image_size (H, W). Returns bool [N,H,W], `True` where the bilinearly resampled probability >= threshold.
-    Equal to a full-image `grid_sample(align_corners=False)` of each mask over its box, computed only on the
-    box's neighbourhood as two small matrix products (bilinear sampling on an axis-aligned grid is separable).
+    Bilinear sampling on an axis-aligned grid is separable, so each window is two small matrix products.
     """
     if masks.dim() == 4:
         masks = masks[:, 0]
     h, w = int(image_size[0]), int(image_size[1])
-    out = torch.zeros((len(masks), h, w), dtype=torch.bool, device=masks.device)
     if len(masks) == 0:
-        return out
+        return
     m = masks.shape[-1]
     work = masks.float()
     for i, (x0, y0, x1, y1) in enumerate(boxes.detach().double().cpu().tolist()):
@@ -59,8 +62,48 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], thres
             continue
         wy = _interp_matrix(y0, y1, r0, r1, m, work.device, work.dtype)
         wx = _interp_matrix(x0, x1, c0, c1, m, work.device, work.dtype)
-        out[i, r0:r1, c0:c1] = (wy @ work[i] @ wx.T) >= threshold
+        yield i, (c0, r0, c1, r1), (wy @ work[i] @ wx.T) >= threshold
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5) -> Tensor:
+    """Paste per-box mask probabilities into the image and threshold them.
+
+    masks float [N,1,M,M] (or [N,M,M]) probabilities; boxes float [N,4] xyxy in the image's pixels;
+    image_size (H, W). Returns bool [N,H,W], `True` where the bilinearly resampled probability >= threshold.
+    Equal to a full-image `grid_sample(align_corners=False)` of each mask over its box, computed only on the
+    box's neighbourhood. Dense N x H x W: for whole fields of view use `paste_masks_to_crops`.
+    """
+    h, w = int(image_size[0]), int(image_size[1])
+    out = torch.zeros((len(masks), h, w), dtype=torch.bool, device=masks.device)
+    for i, (c0, r0, c1, r1), block in _paste_windows(masks, boxes, image_size, threshold):
+        out[i, r0:r1, c0:c1] = block
     return out
+
+
+def paste_masks_to_crops(masks: Tensor, boxes: Tensor, image_size: tuple[int, int],
+                         threshold: float = 0.5) -> CropMasks:
+    """`paste_masks` kept sparse: the same pixels, each mask stored as its tight crop.
+
+    masks float [N,1,M,M] or [N,M,M]; boxes float [N,4] xyxy image pixels (any values: clipped like
+    `paste_masks`); image_size (H, W). Returns CropMasks of N masks (mask i empty, box (0, 0, 0, 0), when no
+    pixel reaches `threshold`); `.dense()` equals `paste_masks(...)`. Memory O(sum of box areas).
+    """
+    size = (int(image_size[0]), int(image_size[1]))
+    n = len(masks)
+    windows = np.zeros((n, 4), np.int64)
+    crops = [np.zeros((0, 0), bool) for _ in range(n)]
+    found = list(_paste_windows(masks, boxes, size, threshold))
+    if found:
+        # one device -> host copy for all windows, not one synchronising copy per mask
+        flat = torch.cat([block.reshape(-1) for _, _, block in found]).cpu().numpy()
+        offset = 0
+        for i, window, block in found:
+            windows[i] = window
+            crops[i] = flat[offset:offset + block.numel()].reshape(block.shape)
+            offset += block.numel()
+    tight = CropMasks(windows, crops, size).tight()
+    # own copies: a view would keep the whole batch of windows (dropped detections' too) alive
+    return CropMasks(tight.boxes, [c.copy() for c in tight.crops], size)
 
 
 def to_model_image(image, normalize: str = "dtype") -> Tensor:
@@ -84,42 +127,179 @@ def to_model_image(image, normalize: str = "dtype") -> Tensor:
     return to_float_rgb(array, normalize)
 
 
-class Predictor:
-    """`Predictor(model, min_size_test, max_size_test, device)(images)` -> one dict per image with
-    `boxes` float [N,4] xyxy, `labels` int64 [N] in 1..K, `scores` float [N] and `masks` bool [N,H0,W0], all at
-    the ORIGINAL image size (H0, W0) and on the CPU.
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
-    images: a list of numpy arrays or tensors of any size (see `to_model_image`), or one of them. Each is
-    resized like the evaluation data (gains.transforms: shortest edge to `min_size_test`, longest capped at
-    `max_size_test`, bilinear with antialiasing like PIL's resize in detectron2), run through the model in
-    eval mode, and the boxes scaled back.
+
+def _validate(tiling, tile_size, tile_overlap, detections_per_tile, max_detections, merge_iou, merge_containment,
+              max_downscale, batch_size, min_size_test, max_size_test) -> None:
+    """ValueError naming the option (and its config key) for a bad Predictor setting."""
+    _check(tiling in TILING_MODES, f"tiling (test.tiling) must be one of {', '.join(TILING_MODES)}, "
+                                   f"got {tiling!r}")
+    _check(int(tile_size) > 0, f"tile_size (test.tile_size) must be a positive number of pixels, "
+                               f"got {tile_size}")
+    _check(0 <= int(tile_overlap) < int(tile_size),
+           f"tile_overlap (test.tile_overlap) must be >= 0 and smaller than tile_size={tile_size}, "
+           f"got {tile_overlap}")
+    _check(detections_per_tile is None or int(detections_per_tile) > 0,
+           f"detections_per_tile (test.detections_per_tile) must be positive or null, got {detections_per_tile}")
+    _check(max_detections is None or int(max_detections) >= 0,
+           f"max_detections (test.max_detections) must be >= 0 (0 = unlimited), got {max_detections}")
+    for name, value in (("merge_iou", merge_iou), ("merge_containment", merge_containment)):
+        _check(0.0 < float(value) <= 1.0, f"{name} (test.{name}) must lie in (0, 1], got {value}")
+    _check(float(max_downscale) == 0 or float(max_downscale) >= 1.0,
+           f"max_downscale (test.max_downscale) must be 0 (no limit) or >= 1, got {max_downscale}")
+    _check(int(batch_size) > 0, f"batch_size (test.tile_batch_size) must be positive, got {batch_size}")
+    _check(int(min_size_test) > 0 and int(max_size_test) > 0,
+           f"min_size_test / max_size_test must be positive, got {min_size_test} / {max_size_test}")
+
+
+class Predictor:
+    """`Predictor(model, min_size_test, max_size_test)(images)` -> one dict per image, on the CPU, in the
+    ORIGINAL image's pixels (H0, W0): `boxes` float32 [N,4] xyxy, `labels` int64 [N] in 1..K, `scores`
+    float32 [N] (descending) and `masks` a `CropMasks` of N masks of size (H0, W0).
+
+    images: a list of numpy arrays or tensors of any size (see `to_model_image`), or one of them. An image
+    (whole-image path) or each tile of it (tiled path, gains.tiling) is resized like the evaluation data
+    (gains.transforms: shortest edge to `min_size_test`, longest capped at `max_size_test`, bilinear with
+    antialiasing like PIL's resize in detectron2), run through the model in eval mode, and the boxes scaled
+    back. Intensities are normalised over the whole image before tiling, so all tiles share one scale.
+
+    tiling: "auto" tiles images larger than `tile_size` in either side, "always" tiles every image (an
+    image no larger than a tile is one tile: the whole-image result), "never" runs the whole image and
+    raises ValueError when the resize would shrink it by more than `max_downscale`, i.e. when
+    max(H0 / h, W0 / w) > max_downscale for (h, w) = resized_shape(H0, W0, ...) (0 = no limit).
+    tile_size / tile_overlap: tile side and overlap in ORIGINAL pixels. detections_per_tile: the model's
+    cap per forward image (each tile, or the whole image), set on `model.roi_heads.max_dets` during the
+    call; None keeps the model's own cap. max_detections: cap per image after merging (None/0 = none).
+    merge_iou / merge_containment: duplicate rules across tiles (gains.tiling). batch_size: tiles per
+    forward pass. progress: a tqdm bar per tiled image.
     """
 
     def __init__(self, model: torch.nn.Module, min_size_test: int = 800, max_size_test: int = 1333,
-                 device: str | torch.device | None = None, normalize: str = "dtype", mask_threshold: float = 0.5):
+                 device: str | torch.device | None = None, normalize: str = "dtype", mask_threshold: float = 0.5,
+                 tiling: str = "auto", tile_size: int = 512, tile_overlap: int = 128,
+                 detections_per_tile: int | None = 300, max_detections: int | None = None,
+                 merge_iou: float = 0.5, merge_containment: float = 0.8, max_downscale: float = 2.0,
+                 batch_size: int = 4, progress: bool = True):
+        _validate(tiling=tiling, tile_size=tile_size, tile_overlap=tile_overlap,
+                  detections_per_tile=detections_per_tile, max_detections=max_detections, merge_iou=merge_iou,
+                  merge_containment=merge_containment, max_downscale=max_downscale, batch_size=batch_size,
+                  min_size_test=min_size_test, max_size_test=max_size_test)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.min_size, self.max_size = min_size_test, max_size_test
+        self.min_size, self.max_size = int(min_size_test), int(max_size_test)
         self.normalize, self.mask_threshold = normalize, mask_threshold
+        self.tiling, self.tile_size, self.tile_overlap = tiling, int(tile_size), int(tile_overlap)
+        self.detections_per_tile = None if detections_per_tile is None else int(detections_per_tile)
+        self.max_detections = int(max_detections) if max_detections else None
+        self.merge_iou, self.merge_containment = float(merge_iou), float(merge_containment)
+        self.max_downscale, self.batch_size, self.progress = float(max_downscale), int(batch_size), progress
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, cfg, **overrides) -> "Predictor":
+        """A Predictor with `cfg.data.min_size_test / max_size_test / normalize` and the `cfg.test` tiling
+        keys (configs/base.yaml); keyword `overrides` (e.g. progress=False, device="cpu") win."""
+        data, test = cfg["data"], cfg["test"]
+        per_tile = test.get("detections_per_tile", 300)
+        kwargs = dict(min_size_test=int(data["min_size_test"]), max_size_test=int(data["max_size_test"]),
+                      normalize=str(data.get("normalize", "dtype")), tiling=str(test.get("tiling", "auto")),
+                      tile_size=int(test.get("tile_size", 512)), tile_overlap=int(test.get("tile_overlap", 128)),
+                      detections_per_tile=None if per_tile is None else int(per_tile),
+                      max_detections=int(test.get("max_detections") or 0) or None,
+                      merge_iou=float(test.get("merge_iou", 0.5)),
+                      merge_containment=float(test.get("merge_containment", 0.8)),
+                      max_downscale=float(test.get("max_downscale", 2.0)),
+                      batch_size=int(test.get("tile_batch_size", 4)))
+        kwargs.update(overrides)
+        return cls(model, **kwargs)
 
     @torch.no_grad()
-    def __call__(self, images) -> list[dict[str, Tensor]]:
+    def __call__(self, images) -> list[dict]:
         if isinstance(images, (np.ndarray, Tensor)) and images.ndim <= 3:
             images = [images]  # one image; a 4-D array/tensor is iterated as a batch
         results = []
-        for image in images:
-            x = to_model_image(image, self.normalize).to(self.device)
-            h0, w0 = x.shape[-2:]
-            nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
-            if (nh, nw) != (h0, w0):
-                x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
-            det = self.model([x])[0]
+        with self._detection_cap():
+            for image in images:
+                x = to_model_image(image, self.normalize)
+                h0, w0 = x.shape[-2:]
+                if self._tiles(h0, w0):
+                    from gains.tiling import predict_tiled
+
+                    pred = predict_tiled(x, self._detect, self.tile_size, self.tile_overlap, self.batch_size,
+                                         self.merge_iou, self.merge_containment, self.max_detections,
+                                         self.progress)
+                else:
+                    self._check_whole_image(h0, w0)
+                    pred = _top(self._detect([x])[0], self.max_detections)
+                results.append(pred)
+        return results
+
+    def _tiles(self, h: int, w: int) -> bool:
+        if self.tiling == "auto":
+            return max(h, w) > self.tile_size
+        return self.tiling == "always"
+
+    def _check_whole_image(self, h0: int, w0: int) -> None:
+        """tiling="never": refuse an image the whole-image path would shrink by more than max_downscale."""
+        if self.tiling != "never" or not self.max_downscale:
+            return
+        nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
+        shrink = max(h0 / nh, w0 / nw)
+        if shrink > self.max_downscale:
+            raise ValueError(
+                f"image of {h0}x{w0} px would be shrunk {shrink:.1f}x to {nh}x{nw} px by the whole-image path "
+                f"(tiling='never', min_size_test={self.min_size}, max_size_test={self.max_size}; limit "
+                f"max_downscale={self.max_downscale:g}): objects would be far smaller than the model was trained "
+                "on. Use tiling='auto' (config: test.tiling=auto) to predict it tile by tile")
+
+    @contextlib.contextmanager
+    def _detection_cap(self):
+        """Set the model's per-image detection cap to detections_per_tile for the call, restore it after."""
+        if self.detections_per_tile is None:
+            yield
+            return
+        heads = getattr(self.model, "roi_heads", None)
+        if heads is None or not hasattr(heads, "max_dets"):
+            raise ValueError("the model has no roi_heads.max_dets to cap detections per tile; pass "
+                             "detections_per_tile=None (test.detections_per_tile=null)")
+        saved = heads.max_dets
+        heads.max_dets = self.detections_per_tile
+        try:
+            yield
+        finally:
+            heads.max_dets = saved
+
+    def _detect(self, images: list[Tensor]) -> list[dict]:
+        """Run the model on images of ONE size, float32 [3,h,w] in [0,1] (any device).
+
+        Returns per image `boxes` float32 [n,4] xyxy in that image's pixels (clamped to it), `labels` int64,
+        `scores` float32 (the model's order: descending) and `masks` CropMasks of size (h, w), on the CPU.
+        """
+        h0, w0 = (int(s) for s in images[0].shape[-2:])
+        nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
+        batch = torch.stack([im.to(self.device) for im in images])
+        if (nh, nw) != (h0, w0):
+            batch = F.interpolate(batch, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        out = []
+        for det in self.model(list(batch)):
             scale = torch.tensor([w0 / nw, h0 / nh, w0 / nw, h0 / nh], device=det["boxes"].device)
             boxes = det["boxes"] * scale
             boxes = torch.stack([boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0),
                                  boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)], dim=1)
-            masks = paste_masks(det["masks"], boxes, (h0, w0), self.mask_threshold)
-            results.append({"boxes": boxes.cpu(), "labels": det["labels"].cpu(), "scores": det["scores"].cpu(),
-                            "masks": masks.cpu()})
-        return results
+            masks = paste_masks_to_crops(det["masks"], boxes, (h0, w0), self.mask_threshold)
+            out.append({"boxes": boxes.float().cpu(), "labels": det["labels"].cpu().to(torch.int64),
+                        "scores": det["scores"].float().cpu(), "masks": masks})
+        return out
+
+
+def _top(pred: dict, k: int | None) -> dict:
+    """The k highest-scoring detections (stable: ties keep their order), all when k is None."""
+    order = torch.argsort(pred["scores"], descending=True, stable=True)
+    if k is not None:
+        order = order[:k]
+    if torch.equal(order, torch.arange(len(pred["scores"]))):
+        return pred
+    return {"boxes": pred["boxes"][order], "labels": pred["labels"][order], "scores": pred["scores"][order],
+            "masks": pred["masks"].select(order.numpy())}

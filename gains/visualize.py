@@ -101,3 +101,34 @@ def save_instance_panels(image: np.ndarray, panels: list, path, title: str = "")
         fig.suptitle(title, fontsize=10)
     save_figure_atomic(fig, path)
     plt.close(fig)
+
+
+def overlay_label_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45, seed: int = 0,
+                        max_side: int = 2048) -> np.ndarray:
+    """Blend an instance label image (int [H,W], 0 = background) over its image, outlines opaque, in
+    O(H x W) whatever the instance count (a 4096 px field with 2,000 nuclei). Images larger than
+    `max_side` are subsampled (every k-th pixel) first, so the PNG stays viewable. Returns float [h,w,3]."""
+    from scipy import ndimage
+
+    step = max(1, -(-max(labels.shape) // max_side))
+    labels = np.asarray(labels)[::step, ::step]
+    canvas = grey(image)[::step, ::step].copy()
+    colors = np.concatenate([np.zeros((1, 3)), instance_colors(int(labels.max(initial=0)), seed)])
+    inside = labels > 0
+    canvas[inside] = (1 - alpha) * canvas[inside] + alpha * colors[labels[inside]]
+    edge = inside & (ndimage.grey_erosion(labels, size=3) != ndimage.grey_dilation(labels, size=3))
+    canvas[edge] = colors[labels[edge]]
+    return canvas
+
+
+def save_label_overlay(image: np.ndarray, labels: np.ndarray, path, title: str = "") -> None:
+    """One panel: `overlay_label_image` of the image, as a PNG (atomic)."""
+    plt = _pyplot()
+    canvas = overlay_label_image(image, labels)
+    h, w = canvas.shape[:2]
+    fig, ax = plt.subplots(1, 1, figsize=(min(12.0, 6.0 * w / max(h, 1)) + 0.2, 6.0 * min(1.0, h / max(w, 1)) + 0.6))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    save_figure_atomic(fig, path, dpi=max(100, int(w / 6)) if w > 600 else 100)
+    plt.close(fig)

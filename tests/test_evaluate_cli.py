@@ -225,14 +225,47 @@ def test_images_mode_on_mixed_formats(checkpoint, tmp_path):
         (1, "a_rgb.png", 64, 48), (2, "b_16bit.tif", 50, 70)]
     assert [c["id"] for c in index["categories"]] == [1, 2]
     results = json.loads((out / "results.json").read_text())
+    import roifile
+    from pycocotools import mask as mask_utils
+
+    from gains.exports import read_instances_npz
     for e in index["images"]:
-        npz = np.load(out / "masks" / f"{e['file_name']}.npz")
-        n = len(npz["scores"])
-        assert npz["masks"].shape == (n, e["height"], e["width"]) and npz["masks"].dtype == bool
-        assert npz["labels"].shape == (n,) and npz["boxes"].shape == (n, 4)
-        assert sum(r["image_id"] == e["id"] for r in results) == n
+        pred = read_instances_npz(out / "masks" / f"{e['file_name']}.npz")
+        n = len(pred["scores"])
+        assert pred["masks"].image_size == (e["height"], e["width"]) and len(pred["masks"]) == n
+        assert pred["labels"].shape == (n,) and pred["boxes"].shape == (n, 4)
+        mine = [r for r in results if r["image_id"] == e["id"]]
+        assert len(mine) == n
+        dense = pred["masks"].dense()
+        for r, m in zip(mine, dense):  # the json, the npz and the label image describe the same masks
+            assert np.array_equal(mask_utils.decode({"size": r["segmentation"]["size"],
+                                                     "counts": r["segmentation"]["counts"].encode()}), m)
+        labels = tifffile.imread(out / "labels" / f"{e['file_name']}_labels.tif")
+        assert labels.shape == (e["height"], e["width"]) and labels.dtype == np.uint16
+        for k in np.unique(labels[labels > 0]):
+            assert dense[k - 1][labels == k].all()  # a pixel labelled k lies in mask k-1
+        assert (labels > 0).sum() == dense.any(0).sum()
+        rois = roifile.roiread(out / "rois" / f"{e['file_name']}_rois.zip") if n else []
+        assert len(rois if isinstance(rois, list) else [rois]) >= int((pred["masks"].areas() > 0).sum())
         assert (out / "overlays" / f"{e['file_name']}.png").is_file()
     assert len(results) > 0  # score_thresh 0 in the checkpoint's config: a random model detects something
+
+
+def test_images_mode_tiles_large_images(checkpoint, tmp_path):
+    """An image larger than test.tile_size is predicted tile by tile; outputs stay consistent."""
+    import tifffile
+
+    from gains.exports import read_instances_npz
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    tifffile.imwrite(folder / "field.tif", np.random.default_rng(2).integers(0, 255, (90, 130), dtype=np.uint8))
+    out = tmp_path / "pred"
+    assert cli.main(["--ckpt", str(checkpoint), "--images", str(folder), "--out", str(out), "test.tiling=always",
+                     "test.tile_size=48", "test.tile_overlap=16", "test.max_detections=500"]) == 0
+    pred = read_instances_npz(out / "masks" / "field.tif.npz")
+    results = json.loads((out / "results.json").read_text())
+    assert pred["masks"].image_size == (90, 130) and len(results) == len(pred["scores"]) <= 500
+    assert tifffile.imread(out / "labels" / "field.tif_labels.tif").shape == (90, 130)
 
 
 def test_readme_python_predictor_snippet(checkpoint, tmp_path):
@@ -247,8 +280,12 @@ def test_readme_python_predictor_snippet(checkpoint, tmp_path):
     predictor = Predictor(model, cfg.data.min_size_test, cfg.data.max_size_test, normalize=cfg.data.normalize)
     out = predictor(read_image_array(tmp_path / "cells.tif"))[0]
     names = [categories.names[label - 1] for label in out["labels"].tolist()]
-    assert out["masks"].dtype == torch.bool and out["masks"].shape[1:] == (45, 61)
+    # masks: CropMasks at the original size (`.dense()` gives bool [N,H,W], `.label_image()` one label map)
+    assert out["masks"].image_size == (45, 61) and out["masks"].dense().shape == (len(names), 45, 61)
     assert len(names) == len(out["scores"]) == len(out["boxes"]) and set(names) <= set(categories.names)
+    # the config's test.tiling / tile_* keys: same result for an image smaller than a tile
+    again = Predictor.from_config(model, cfg)(read_image_array(tmp_path / "cells.tif"))[0]
+    assert torch.equal(again["boxes"], out["boxes"]) and torch.equal(again["scores"], out["scores"])
 
 
 def test_images_mode_errors(checkpoint, tmp_path, capsys):

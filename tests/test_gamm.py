@@ -1,14 +1,19 @@
-"""GAMM (gains/gamm.py): the authors' maps (fixtures), a slow literal oracle, and the degenerate cases."""
+"""GAMM (gains/gamm.py): the authors' maps (fixtures), a slow literal oracle, the degenerate cases, maps as
+crops on their support (and the support claim), and the sparse paths (crops, box pairs) at scale."""
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 from pycocotools import mask as mask_utils
 
 from conftest import uncompressed_rle
-from gains import gamm
-from gains.gamm import VARIANTS, compute_ga_maps, gamm_masks, map_folder_name, nuclei_groups
+from gains import gamm, gamm_windows
+from gains.gamm import (VARIANTS, compute_ga_crops, compute_ga_maps, gamm_mask_crops, gamm_masks,
+                        map_folder_name, nuclei_groups)
+from gains.instances import CropMasks
 from gamm_oracle import oracle_ga_maps, oracle_groups
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gamm"
@@ -65,7 +70,7 @@ def test_blocks_of_windows_do_not_change_maps(monkeypatch):
     params, images = load_fixture("isbi_cells")
     inputs = fixture_inputs(*images[0])
     full = compute_ga_maps(*inputs, **params)
-    monkeypatch.setattr(gamm, "_BLOCK", 81 * 37)
+    monkeypatch.setattr(gamm_windows, "BLOCK", 81 * 37)
     assert np.array_equal(compute_ga_maps(*inputs, **params), full)
 
 
@@ -205,3 +210,240 @@ def test_rle_compressed_and_uncompressed():
     uncompressed = uncompressed_rle(mask)
     out = gamm_masks([compressed, text, uncompressed], 7, 9)
     assert all(np.array_equal(m, mask) for m in out)
+
+
+def reference_dense_masks(segmentations, height, width):
+    """The dense rasteriser GAMM used before crops: every polygon tested on its bbox lattice, full size."""
+    out = np.zeros((len(segmentations), height, width), dtype=bool)
+    for k, seg in enumerate(segmentations):
+        if isinstance(seg, dict):
+            out[k] = mask_utils.decode(seg if not isinstance(seg["counts"], list)
+                                       else mask_utils.frPyObjects(seg, height, width)).astype(bool)
+            continue
+        for flat in seg:
+            xy = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
+            if len(xy) < 3:
+                continue
+            c0, r0 = np.maximum(np.ceil(xy.min(0)), 0).astype(int)
+            c1, r1 = np.minimum(np.floor(xy.max(0)), [width - 1, height - 1]).astype(int)
+            if c1 < c0 or r1 < r0:
+                continue
+            rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1]
+            out[k, r0:r1 + 1, c0:c1 + 1] |= shapely.contains_xy(shapely.Polygon(xy), cols, rows)
+    return out
+
+
+def test_mask_crops_are_the_dense_masks():
+    rng = np.random.default_rng(7)
+    segs = [[ellipse(*rng.uniform(-6, 46, 2), *rng.uniform(0.3, 9, 2), rng.uniform(0, np.pi))]
+            for _ in range(40)]
+    segs += [[ellipse(5, 5, 4, 3, 0.0), ellipse(30, 20, 3, 5, 1.0)],  # two parts far apart: one crop
+             [[1, 1, 2, 2]], [square(-9, -9, -2, -2)], [square(0.5, 0.5, 0.9, 0.9)], []]  # all empty
+    mask = rng.random((30, 40)) < 0.3
+    mask[:, :5] = False
+    segs += [mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))), uncompressed_rle(mask)]
+    crops = gamm_mask_crops(segs, 30, 40)
+    dense = reference_dense_masks(segs, 30, 40)
+    assert isinstance(crops, CropMasks) and crops.image_size == (30, 40)
+    assert np.array_equal(crops.dense(), dense) and np.array_equal(gamm_masks(segs, 30, 40), dense)
+    assert np.array_equal(crops.boxes, CropMasks.from_dense(dense).boxes)  # tight, empty -> (0, 0, 0, 0)
+
+
+# ------------------------------------------------------------------------------- maps as crops
+def paste(crops, height, width):
+    out = np.ones((len(crops), height, width))
+    for k, ((x0, y0, x1, y1), crop) in enumerate(crops):
+        assert crop.dtype == np.float64 and crop.shape == (y1 - y0, x1 - x0)
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+        out[k, y0:y1, x0:x1] = crop
+    return out
+
+
+def all_variant_cases():
+    """(masks, cats, boxes, params) of every fixture image, then random images for all three variants."""
+    for folder in FOLDERS:
+        params, images = load_fixture(folder)
+        for im, anns in images:
+            yield (*fixture_inputs(im, anns), params)
+    rng = np.random.default_rng(11)
+    for variant in VARIANTS:
+        for ws in (1, 3, 5):
+            masks, cats, boxes = random_image(rng, 40, 44, 9)
+            yield masks, cats, boxes, dict(variant=variant, window_size=ws, ga_factor=0.8, overlap_hl=0.3,
+                                           target_category_id=1)
+
+
+def test_dense_maps_are_the_crops_pasted_on_ones():
+    for masks, cats, boxes, params in all_variant_cases():
+        crops = compute_ga_crops(CropMasks.from_dense(masks), cats, boxes, **params)
+        maps = compute_ga_maps(masks, cats, boxes, **params)
+        assert np.array_equal(paste(crops, *masks.shape[1:]), maps)
+        dense_in = compute_ga_crops(masks, cats, boxes, **params)  # dense bool input: the same crops
+        assert all(b == c and np.array_equal(p, q) for (b, p), (c, q) in zip(crops, dense_in))
+
+
+def test_all_ones_maps_are_empty_crops():
+    segs = [[ellipse(8, 10, 6, 5, 0.0)], [[1, 1, 2, 2]], [ellipse(15, 10, 6, 5, 0.0)], [ellipse(11, 10, 4, 3, 0)]]
+    crops = compute_ga_crops(gamm_mask_crops(segs, 20, 24), [0, 0, 0, 1], None, **ISBI)
+    for box, crop in (crops[1], crops[3]):  # empty mask, non-target
+        assert box == (0, 0, 0, 0) and crop.shape == (0, 0) and crop.dtype == np.float64
+    assert crops[0][1].size and crops[2][1].size
+    lonely = compute_ga_crops(gamm_mask_crops(segs[:1], 20, 24), [0], None, **ISBI)
+    tiny = compute_ga_crops(gamm_mask_crops(segs, 20, 24), [0, 0, 0, 0], None, **dict(ISBI, window_size=21))
+    assert [b for b, _ in lonely + tiny] == [(0, 0, 0, 0)] * 5
+
+
+# ----------------------------------------------------------------------------- the support claim
+def gets_a_map(k, masks, cats, boxes, variant, ws):
+    """Whether instance k gets a real map by the rules (target, non-empty, another target in context)."""
+    targets = [t for t in range(len(masks)) if cats[t] == 1]
+    if k not in targets or not masks[k].any():
+        return False
+    if variant != "nuclei":
+        return len(targets) > 1
+    return any(t in targets for t in oracle_groups(boxes, ws)[k][1:])
+
+
+def expected_support(k, masks, boxes, variant, ws):
+    """The support box of the module docstring, from the mask bbox (and §2.5's group box for nuclei)."""
+    height, width = masks.shape[1:]
+    rows, cols = np.flatnonzero(masks[k].any(1)), np.flatnonzero(masks[k].any(0))
+    if variant == "nuclei":
+        b = np.asarray(boxes, float)[oracle_groups(boxes, ws)[k]]
+        x0, y0 = int(b[:, 0].min()), int(b[:, 1].min())
+        gw_, gh = int((b[:, 0] + b[:, 2]).max() - b[:, 0].min()), int((b[:, 1] + b[:, 3]).max() - b[:, 1].min())
+        ranges = [(y0 - ws + 1, y0 + gh), (x0 - ws + 1, x0 + gw_)]
+    else:
+        ranges = [(-ws, 10 ** 9)] * 2
+
+    def axis(first_px, last_px, size, allowed):
+        first = max(0, first_px - ws + 1, allowed[0])  # first window (top-left) holding a mask pixel
+        last = min(size - ws, last_px, allowed[1] - 1)  # last one
+        if last < first:
+            return None
+        return first, (size if last == size - ws else last + 1)  # the last window also paints the strip
+
+    r, c = axis(rows[0], rows[-1], height, ranges[0]), axis(cols[0], cols[-1], width, ranges[1])
+    return (0, 0, 0, 0) if r is None or c is None else (c[0], r[0], c[1], r[1])
+
+
+def support_cases(variant):
+    """Random tiny images (ellipses cut by every border, one pinned to the bottom-right corner), ws 1..6."""
+    rng = np.random.default_rng(VARIANTS.index(variant) + 50)
+    for trial in range(12):
+        ws = trial % 6 + 1
+        masks, cats, boxes = random_image(rng, 18, 21, int(rng.integers(2, 6)))
+        corner = ellipse(19 + rng.uniform(-2, 1), 16 + rng.uniform(-2, 1), 4, 3, rng.uniform(0, np.pi))
+        masks = np.concatenate([masks, gamm_masks([[corner]], 18, 21)])
+        yield masks, cats + [1], np.concatenate([boxes, [coco_box(corner)]]), ws
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_support_box_against_the_loop_oracle(variant):
+    """(a) oracle maps are exactly 1 outside the returned box; (b) the box is the formula of the module
+    docstring, and every side of it is reached by a value != 1 somewhere (no side can be shrunk in
+    general); (c) the weaker claim: exactly 1 outside the mask bbox and the COCO bbox grown by ws."""
+    sides_reached, clamp_strips = np.zeros(4, int), 0
+    for masks, cats, boxes, ws in support_cases(variant):
+        height, width = masks.shape[1:]
+        kw = dict(variant=variant, window_size=ws, ga_factor=0.8, overlap_hl=0.3, target_category_id=1)
+        crops = compute_ga_crops(masks, cats, boxes, **kw)
+        oracle = oracle_ga_maps(masks, cats, boxes, **kw)
+        ours = paste(crops, height, width)
+        np.testing.assert_allclose(ours, oracle, rtol=0, atol=1e-6)
+        for k, ((x0, y0, x1, y1), _) in enumerate(crops):
+            outside = np.ones((height, width), bool)
+            outside[y0:y1, x0:x1] = False
+            assert np.all(oracle[k][outside] == 1.0)  # (a)
+            real = gets_a_map(k, masks, cats, boxes, variant, ws)
+            assert (x0, y0, x1, y1) == (expected_support(k, masks, boxes, variant, ws) if real else (0, 0, 0, 0))
+            if not masks[k].any():
+                continue
+            rows, cols = np.flatnonzero(masks[k].any(1)), np.flatnonzero(masks[k].any(0))  # (c)
+            grown = np.ones((height, width), bool)
+            grown[max(0, rows[0] - ws):rows[-1] + ws + 1, max(0, cols[0] - ws):cols[-1] + ws + 1] = False
+            bx, by, bw, bh = boxes[k]
+            coco = np.ones((height, width), bool)
+            coco[max(0, int(np.floor(by - ws))):max(0, int(np.ceil(by + bh + ws)) + 1),
+                 max(0, int(np.floor(bx - ws))):max(0, int(np.ceil(bx + bw + ws)) + 1)] = False
+            assert np.all(oracle[k][grown] == 1.0) and np.all(oracle[k][coco] == 1.0)
+            if y1 > y0:  # (b): which sides of the box hold a value != 1
+                lines = ours[k, y0], ours[k, y1 - 1], ours[k, y0:y1, x0], ours[k, y0:y1, x1 - 1]
+                sides_reached += [np.any(line[x0:x1] != 1) if i < 2 else np.any(line != 1)
+                                  for i, line in enumerate(lines)]
+                clamp_strips += int(rows[-1] > height - ws and np.any(ours[k, height - 1] != 1))
+    assert np.all(sides_reached > 0) and clamp_strips > 0, (sides_reached, clamp_strips)
+
+
+# --------------------------------------------------------------------------- sparse at scale
+def touching_discs(rng, n, size, radius=(6, 10)):
+    """Flat polygons and COCO boxes of n discs on a jittered grid, neighbours touching or overlapping."""
+    side = int(np.ceil(np.sqrt(n)))
+    step = 2 * radius[1] - 2
+    segs, boxes = [], []
+    for k in range(n):
+        cx = 20 + (k % side) * step + rng.uniform(-1, 1)
+        cy = 20 + (k // side) * step + rng.uniform(-1, 1)
+        flat = ellipse(cx % (size - 20), cy % (size - 20), *rng.uniform(*radius, 2), 0.0, points=20)
+        segs.append([flat])
+        boxes.append(coco_box(flat))
+    return segs, np.array(boxes)
+
+
+@pytest.mark.parametrize("variant", ["isbi", "nuclei"])
+def test_crops_work_in_proportion_to_supports_and_meeting_pairs(variant, monkeypatch):
+    # 64 touching discs in a 1024 x 1024 field: dense float64 maps would be 537 MB, dense masks 67 MB.
+    segs, boxes = touching_discs(np.random.default_rng(3), 64, 1024)
+    masks = gamm_mask_crops(segs, 1024, 1024)
+    calls = []
+    pair_terms = gamm_windows.pair_terms
+    monkeypatch.setattr(gamm_windows, "pair_terms", lambda *a: calls.append(1) or pair_terms(*a))
+    kw = dict(variant=variant, window_size=5, ga_factor=0.8, overlap_hl=0.1, target_category_id=1)
+    tracemalloc.start()
+    crops = compute_ga_crops(masks, [1] * len(segs), boxes, **kw)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 30e6, f"peak {peak / 1e6:.0f} MB"
+    assert sum(c.size for _, c in crops) < 64 * 40 * 40
+    # Only pairs whose window boxes meet are ever paired (once per sign): about 4 neighbours each, not 63.
+    # Window corners of a mask on pixels [x0, x1) run from x0 - ws + 1 to x1 - 1.
+    x0, y0, x1, y1 = masks.boxes.T
+    x0, y0 = x0 - 4, y0 - 4
+    meet = ((x0[:, None] < x1[None]) & (x0[None] < x1[:, None])
+            & (y0[:, None] < y1[None]) & (y0[None] < y1[:, None]))
+    assert 0 < len(calls) <= 2 * np.triu(meet, 1).sum() < 64 * 8
+
+
+def test_overlapping_pairs_match_all_pairs():
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(-50, 500, (300, 2))
+    wh = np.where(rng.random((300, 2)) < 0.05, 0, rng.exponential(15, (300, 2)))  # some zero-size boxes
+    wh[:3] = 700  # three huge boxes among small ones
+    x0, y0 = xy.T
+    x1, y1 = (xy + wh).T
+    for a, b, c, d in ((x0, y0, x1, y1), tuple(np.round(v).astype(int) for v in (x0, y0, x1, y1))):
+        meet = (a[:, None] < c[None]) & (a[None] < c[:, None]) & (b[:, None] < d[None]) & (b[None] < d[:, None])
+        i, j = gamm_windows.overlapping_pairs(a, b, c, d)
+        ei, ej = np.nonzero(np.triu(meet, 1))
+        assert np.array_equal(i, ei) and np.array_equal(j, ej)
+
+
+def test_nuclei_groups_of_many_instances_match_the_pairwise_oracle():
+    rng = np.random.default_rng(9)
+    boxes = np.c_[rng.uniform(0, 600, (400, 2)), rng.uniform(5, 30, (400, 2))]
+    boxes[::37, 2:] = 200  # some large boxes contain small ones: those pairs do not interact
+    assert nuclei_groups(boxes, 8, 600, 600) == oracle_groups(boxes, 8)
+
+
+def test_max_magnitude_from_corner_pixels_is_the_image_maximum(monkeypatch):
+    rng = np.random.default_rng(4)
+    for height, width in ((2, 2), (2, 7), (3, 5), (5, 4), (6, 6), (17, 33), (64, 40)):
+        for cy, cx in [(0, 0), ((height - 1) / 2, (width - 1) / 2), (height - 1, 0.5)] + [
+                tuple(rng.uniform(0, [height - 1, width - 1])) for _ in range(20)]:
+            m, n = np.mgrid[:height, :width].astype(np.float64)
+            gy, gx = np.gradient((m - cy) ** 2 + (n - cx) ** 2)
+            assert gamm_windows.max_magnitude(cy, cx, height, width) == np.sqrt(gy ** 2 + gx ** 2).max()
+    centroids = rng.uniform(0, 2999, (5, 2))
+    corners = [gamm_windows.max_magnitude(cy, cx, 4096, 3000) for cy, cx in centroids]
+    monkeypatch.setattr(gamm_windows, "_CORNER_SIDE_LIMIT", 0)  # the two outermost rows and columns
+    assert corners == [gamm_windows.max_magnitude(cy, cx, 4096, 3000) for cy, cx in centroids]

@@ -17,7 +17,8 @@ from gains.alrm import anomaly_loss
 from gains.backbone import ResNetFPN, build_resnet, load_resnet_weights
 from gains.config import load_config
 from gains.model import MODES, build_model
-from gains.predictor import Predictor, paste_masks, resized_shape
+from gains.instances import CropMasks
+from gains.predictor import Predictor, paste_masks, paste_masks_to_crops, resized_shape
 from gains.roi_heads import aligned_roi_align, assign_levels, crop_per_gt, mask_loss
 from gains.rpn import AnchorGenerator, rpn_losses
 
@@ -283,6 +284,31 @@ def test_paste_masks_matches_reference(threshold):
     assert paste_masks(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (8, 9)).shape == (0, 8, 9)
 
 
+def test_paste_masks_to_crops_equals_dense_paste():
+    torch.manual_seed(1)
+    h, w = 70, 90
+    xy = torch.rand(40, 2) * torch.tensor([w + 20.0, h + 20.0]) - 10  # some boxes stick out of the image
+    boxes = torch.cat([xy, xy + torch.rand(40, 2) * 50], 1)
+    boxes[0] = torch.tensor([0.0, 0.0, w, h])  # the whole image
+    boxes[1] = torch.tensor([w - 3.2, h - 2.1, w + 5.0, h + 9.0])  # bottom-right corner, mostly outside
+    boxes[2] = torch.tensor([20.0, 30.0, 20.0, 30.0])  # degenerate: a point
+    boxes[3] = torch.tensor([40.0, 10.0, 40.0, 50.0])  # degenerate: zero width
+    boxes[4] = torch.tensor([200.0, 200.0, 230.0, 240.0])  # wholly outside
+    boxes[5] = torch.tensor([-30.0, -30.0, -1.0, -2.0])  # wholly outside, negative
+    masks = torch.rand(40, 1, 28, 28)
+    masks[0] = 1.0
+    masks[6] = 0.0  # an all-background mask
+    for threshold in (0.5, 0.3):
+        crops = paste_masks_to_crops(masks, boxes, (h, w), threshold)
+        assert isinstance(crops, CropMasks) and len(crops) == 40 and crops.image_size == (h, w)
+        assert np.array_equal(crops.dense(), paste_masks(masks, boxes, (h, w), threshold).numpy())
+        assert np.array_equal(crops.boxes, crops.tight().boxes)  # tight crops
+    assert np.array_equal(paste_masks_to_crops(masks[:, 0], boxes, (h, w)).dense(),
+                          paste_masks(masks, boxes, (h, w)).numpy())  # [N,M,M] masks too
+    empty = paste_masks_to_crops(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (8, 9))
+    assert len(empty) == 0 and empty.image_size == (8, 9)
+
+
 def test_resized_shape_like_detectron2():
     assert resized_shape(512, 512, 800, 1333) == (800, 800)
     assert resized_shape(480, 640, 800, 1333) == (800, 1067)
@@ -298,11 +324,48 @@ def test_predictor_any_image_original_size():
     out = predictor([grey16, rgb8, torch.rand(3, 40, 60)])
     for res, (h, w) in zip(out, [(101, 77), (50, 70), (40, 60)]):
         n = len(res["boxes"])
-        assert res["masks"].shape == (n, h, w) and res["masks"].dtype == torch.bool
+        # masks are crops of the original-size image (CropMasks), one per box
+        assert isinstance(res["masks"], CropMasks) and len(res["masks"]) == n and res["masks"].image_size == (h, w)
+        assert res["boxes"].dtype == torch.float32 and res["scores"].dtype == torch.float32
+        assert res["labels"].dtype == torch.int64 and len(res["labels"]) == len(res["scores"]) == n
         assert float(res["boxes"][:, 2].max()) <= w and float(res["boxes"][:, 3].max()) <= h
     assert not model.training
     single = predictor(rgb8)  # one array is one image
-    assert len(single) == 1 and single[0]["masks"].shape[1:] == (50, 70)
+    assert len(single) == 1 and single[0]["masks"].image_size == (50, 70)
+
+
+def _old_predict(model, image, min_size, max_size):
+    """The whole-image Predictor before tiling and CropMasks: dense masks, the model's own detection cap."""
+    from gains.predictor import to_model_image
+
+    x = to_model_image(image)
+    h0, w0 = x.shape[-2:]
+    nh, nw = resized_shape(h0, w0, min_size, max_size)
+    if (nh, nw) != (h0, w0):
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    with torch.no_grad():
+        det = model.eval()([x])[0]
+    boxes = det["boxes"] * torch.tensor([w0 / nw, h0 / nh, w0 / nw, h0 / nh])
+    boxes = torch.stack([boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0),
+                         boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)], dim=1)
+    return boxes, det["labels"], det["scores"], paste_masks(det["masks"], boxes, (h0, w0))
+
+
+@pytest.mark.parametrize("tiling", ["auto", "never"])
+def test_predictor_whole_image_path_unchanged(tiling):
+    model = tiny_model("gains", 18, "model.roi_heads.score_thresh_test=0.0")
+    image = (np.random.default_rng(3).random((101, 77)) * 255).astype(np.uint8)
+    boxes, labels, scores, dense = _old_predict(model, image, 64, 128)
+    assert len(boxes) == model.roi_heads.max_dets  # the cap binds, so the comparison below tests it
+    same_cap = Predictor(model, 64, 128, device="cpu", tiling=tiling, detections_per_tile=None)(image)[0]
+    assert torch.equal(same_cap["boxes"], boxes) and torch.equal(same_cap["scores"], scores)
+    assert torch.equal(same_cap["labels"], labels)
+    assert np.array_equal(same_cap["masks"].dense(), dense.numpy())
+    # the default cap of 300 per forward image keeps the same top detections and adds lower-scored ones
+    more = Predictor(model, 64, 128, device="cpu", tiling=tiling)(image)[0]
+    n = len(boxes)
+    assert len(more["boxes"]) > n and model.roi_heads.max_dets == 100  # the model's cap is restored
+    assert torch.allclose(more["boxes"][:n], boxes, atol=1e-4) and torch.allclose(more["scores"][:n], scores)
 
 
 @pytest.mark.parametrize("norm", ["bn", "syncbn"])
