@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Data loading with GA maps: computed on the fly (first epoch, cached as it goes) vs read back from the map
-folder (later epochs) vs no maps at all (mask_rcnn mode), side by side on the synthetic training set.
+folder (later epochs) vs no maps at all (mask_rcnn mode), side by side on the synthetic training set, for the
+sparse targets (data.target_format=sparse, the default) and the dense [N,H,W] ones.
 
     python benchmarks/bench_data.py [--images 48] [--size 256] [--threads 1]
 
@@ -49,16 +50,19 @@ def main(argv=None) -> int:
         common = [f"data.root={root}", "data.hflip_prob=0.0", f"data.min_size_train=[{args.size}]",
                   "gamm.target_category_id=1"]
         rows = []
-        cfg = load_config("configs/quickstart.yaml", common + ["model.mode=mask_rcnn"])
-        rows.append(("no GA maps (mask_rcnn mode)", time_items(build_dataset(cfg, "train", True), args.images)))
-        cfg = load_config("configs/quickstart.yaml", common)
-        fresh = build_dataset(cfg, "train", True)
-        rows.append(("GA maps computed on the fly + cached (epoch 1)", time_items(fresh, args.images)))
-        rows.append(("GA maps read from the map folder (epoch 2+)",
-                     time_items(build_dataset(cfg, "train", True), args.images)))
+        for fmt in ("sparse", "dense"):
+            opts = common + [f"data.target_format={fmt}", f"gamm.map_dir={Path(tmp) / ('maps_' + fmt)}"]
+            cfg = load_config("configs/quickstart.yaml", opts + ["model.mode=mask_rcnn"])
+            rows.append((f"{fmt}: no GA maps (mask_rcnn mode)",
+                         time_items(build_dataset(cfg, "train", True), args.images)))
+            cfg = load_config("configs/quickstart.yaml", opts)
+            fresh = build_dataset(cfg, "train", True)
+            rows.append((f"{fmt}: GA maps computed on the fly + cached (epoch 1)", time_items(fresh, args.images)))
+            rows.append((f"{fmt}: GA maps read from the map folder (epoch 2+)",
+                         time_items(build_dataset(cfg, "train", True), args.images)))
     base = rows[0][1]
     print(f"### data loading, synthetic {args.size}x{args.size}, {args.images} images, {args.threads} thread(s)\n")
-    print("| setting | ms / image (median) | vs no maps |")
+    print("| setting | ms / image (median) | vs sparse, no maps |")
     print("|---|---|---|")
     for name, seconds in rows:
         print(f"| {name} | {1000 * seconds:.1f} | {seconds / base:.2f}x |")

@@ -133,6 +133,29 @@ def uses_ga_maps(cfg) -> bool:
     return cfg.model.mode in MODES_WITH_MAPS
 
 
+MAX_TRAIN_SHRINK = 2.0  # beyond this the whole-image resize makes objects much smaller than on the slide
+
+
+def warn_if_shrunk(records: list[ImageRecord], min_sizes, max_size: int, json_path) -> None:
+    """One warning when whole-image training would shrink images by more than MAX_TRAIN_SHRINK (large
+    fields of view squeezed into max_size_train), naming the largest case and the option that avoids it."""
+    from .transforms import resized_shape
+
+    sizes = min_sizes if isinstance(min_sizes, (list, tuple)) else [min_sizes]
+    worst = None
+    for r in records:
+        nh, nw = resized_shape(r.height, r.width, int(max(sizes)), int(max_size))
+        shrink = max(r.height / nh, r.width / nw)
+        if shrink > MAX_TRAIN_SHRINK and (worst is None or shrink > worst[0]):
+            worst = (shrink, r, nh, nw)
+    if worst is not None:
+        shrink, r, nh, nw = worst
+        warnings.warn(f"{json_path}: training images are shrunk up to {shrink:.1f}x by data.min_size_train / "
+                      f"max_size_train (image id {r.image_id}: {r.height}x{r.width} -> {nh}x{nw}), so objects "
+                      "are that much smaller than on the slide; train on full-resolution crops with "
+                      "data.crop_size=[S,S] (e.g. 512) and predict with test.tiling=auto test.tile_size=S")
+
+
 def build_dataset(cfg, split: str, is_train: bool) -> InstanceDataset:
     """The data set of `split`. Training applies the random resize/flip and attaches GA maps when the model
     mode uses them; evaluation resizes to `data.min_size_test` and keeps images without annotations."""
@@ -148,6 +171,8 @@ def build_dataset(cfg, split: str, is_train: bool) -> InstanceDataset:
         raise DataError(f"{json_path}: no training image left after validation; check the warnings above")
     d = cfg.data
     crop = None
+    if is_train and not d.crop_size:
+        warn_if_shrunk(records, d.min_size_train, d.max_size_train, json_path)
     if is_train:
         transform = TrainTransform(d.min_size_train, d.max_size_train, d.hflip_prob, vflip_prob=d.vflip_prob,
                                    rot90_prob=d.rot90_prob, intensity_scale=d.intensity_scale)

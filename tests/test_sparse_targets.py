@@ -193,3 +193,27 @@ def test_crop_training_runs_and_logs_dropped_fragments(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["iter"] == 3 and result.final_checkpoint.is_file() and "dropped_fragments" in lines[-1] and lines[-1]["dropped_fragments"] >= 0
     assert all(np.isfinite(lines[-1][k]) for k in ("loss_mask", "loss_ga"))
+
+
+def test_large_training_images_without_crop_get_a_warning_naming_the_option(tmp_path):
+    write_coco(tmp_path, [{"id": 5, "file_name": "field.png", "height": 900, "width": 1200}],
+               [{"id": 1, "image_id": 5, "category_id": 1, "iscrowd": 0, "segmentation": [ellipse(50, 60, 9, 7)]}])
+    base = [f"data.root={tmp_path}", "model.num_classes=1", "data.min_size_train=[300]", "data.max_size_train=400"]
+    with pytest.warns(UserWarning, match=r"shrunk up to 3\.0x.*image id 5: 900x1200 -> 300x400.*data\.crop_size"):
+        build_dataset(load_config(None, base), "train", is_train=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with a crop: no warning
+        build_dataset(load_config(None, base + ["data.crop_size=256"]), "train", is_train=True)
+
+
+def test_sparse_targets_cross_dataloader_workers(tmp_path):
+    """Worker processes pickle items: SparseMaps must arrive intact (the training loader uses workers)."""
+    from gains.data import collate
+
+    (_, sparse_set), _ = both_formats(overlapping_set(tmp_path))
+    loader = torch.utils.data.DataLoader(sparse_set, batch_size=2, num_workers=1, collate_fn=collate)
+    images, targets = next(iter(loader))
+    for i, t in enumerate(targets):
+        assert isinstance(t["masks"], SparseMaps) and t["masks"].shape[-2:] == images[i].shape[-2:]
+        assert torch.equal(t["masks"].tight_boxes(), t["boxes"])
