@@ -13,6 +13,9 @@ gt dict
     labels       int [G] category ids (any integers; the ones listed in `category_ids` are evaluated).
     masks        bool/int [G,H,W] or [G,1,H,W] (numpy or torch, any device; nonzero = inside; C-contiguous
                  bool is the fast path); needed for 'segm'. Float masks are refused: threshold them first.
+                 Or, without any full-size array (large images): a `MaskRuns` of G masks, a list of G COCO
+                 RLE dicts, or a `gains.instances.CropMasks`; the metrics are identical. GT and detections
+                 of one image must both be dense or both be runs (RLE / MaskRuns / CropMasks).
     boxes_xywh   float [G,4] COCO boxes (x, y, width, height), absolute pixels; needed for 'bbox'.
     iscrowd      bool/int [G], optional (default 0). Crowd regions are ignored and may absorb detections.
     areas        float [G], optional: the COCO 'area' field, used only for the area ranges. Default: the
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .mask_runs import MaskRuns, runs_from_dense
+from .mask_runs import MaskRuns, empty_runs, runs_from_dense, runs_from_rles
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # pycocotools' array: entry 8 is 0.8999999999999999
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -58,7 +61,29 @@ def _numpy(x) -> np.ndarray:
 
 
 def _mask_runs(masks, n: int, what: str) -> MaskRuns:
-    """[N,H,W] or [N,1,H,W] bool/int masks -> MaskRuns (row-major); floats are refused (threshold them)."""
+    """The masks of one side of an image -> MaskRuns. Accepted: dense [N,H,W] or [N,1,H,W] bool/int masks
+    (row-major runs; floats are refused: threshold them), a `MaskRuns` of N masks (used as it is), a list
+    of N COCO RLE dicts of one size (column-major runs, never decoded), or an object with `to_rles()` such
+    as `gains.instances.CropMasks`. Dense and run inputs give identical metrics; GT and detections of one
+    image must still share a pixel order (both dense, or both RLE / runs)."""
+    if isinstance(masks, MaskRuns):
+        if len(masks) != n:
+            raise ValueError(f"{what}: {len(masks)} masks in the MaskRuns, expected {n}")
+        return masks
+    if hasattr(masks, "to_rles") and hasattr(masks, "image_size"):  # CropMasks
+        h, w = masks.image_size
+        masks = runs_from_rles(masks.to_rles(), h, w)
+        return _mask_runs(masks, n, what)
+    if isinstance(masks, (list, tuple)) and all(isinstance(r, dict) for r in masks):
+        if not masks:
+            if n:
+                raise ValueError(f"{what}: an empty RLE list for {n} instances")
+            return empty_runs(1, 0)  # no pixel order to share: never compared with anything
+        sizes = {tuple(int(v) for v in r.get("size", ())) for r in masks}
+        if len(sizes) != 1 or len(next(iter(sizes))) != 2:
+            raise ValueError(f"{what}: the RLEs need one common 'size' [H, W], got {sorted(sizes)}")
+        h, w = next(iter(sizes))
+        return _mask_runs(runs_from_rles(list(masks), h, w), n, what)
     m = _numpy(masks)
     if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]
@@ -101,7 +126,9 @@ def normalize_images(gt_per_image, det_per_image) -> list[ImageInstances]:
         dm = None if det.get("masks") is None else _mask_runs(det["masks"], len(dl), what + " detections")
         if len(gl) and len(dl) and gm is not None and dm is not None and \
                 (gm.size, gm.line) != (dm.size, dm.line):
-            raise ValueError(f"{what}: GT and detection masks have different sizes")
+            raise ValueError(f"{what}: GT and detection masks have different sizes or pixel orders "
+                             f"({gm.size} px in lines of {gm.line} vs {dm.size} px in lines of {dm.line}); "
+                             "give both as dense arrays or both as RLEs / MaskRuns of the image's size")
         gb, db = _boxes(gt, len(gl), what + " GT"), _boxes(det, len(dl), what + " detections")
         if gt.get("areas") is not None:
             areas = _vector(gt, "areas", len(gl), np.float64, 0.0, what)

@@ -14,6 +14,12 @@ Categories are the json's ids; an average is the mean over categories that have 
 ISBI2014-like data (one category named like 'cell', one like 'nucle...') the paper's "Cell/Nuclei average"
 is added: the plain mean of the two category rows. Images are streamed: each image's masks are reduced to
 compact runs with exact overlap counts at once, so memory does not grow with the pixels of the split.
+
+Large images (those `gains.predictor.Predictor` would tile: `test.tiling`, `test.tile_size`) are predicted
+by the Predictor on the ORIGINAL image, tile by tile, instead of being resized to `data.min_size_test`;
+their ground truth and detections reach the metrics as runs (COCO RLE -> `gains.mask_runs`), never as dense
+[N,H,W] arrays, so a 4096 px field with thousands of nuclei costs memory per instance, not per pixel.
+Smaller images take the batched whole-image path (`inference.predict_dataset`) exactly as before.
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 from . import dist
-from .coco import CategoryMap, ImageRecord, segmentation_to_mask
+from .coco import CategoryMap, DataError, ImageRecord, segmentation_to_mask, segmentation_to_rle
 from .cto import stratified_metrics_images
-from .inference import encode_results, predict_dataset, shard_indices, write_json_atomic
+from .inference import encode_results, model_device, predict_dataset, shard_indices, write_json_atomic
+from .mask_runs import runs_from_rles
 from .metrics import AJI_MODES, STAT_NAMES, aji_from_overlaps, category_overlaps, evaluate_images, normalize_images
 
 MAX_DETS = (1, 10, 100)
@@ -39,14 +46,19 @@ class EvaluationError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- instances
-def gt_instances(record: ImageRecord) -> dict:
+def gt_instances(record: ImageRecord, as_runs: bool = False) -> dict:
     """Ground truth of one image at its original resolution, in the per-image layout of gains.coco_ap:
     `image_id`, `labels` int64 [G] json category ids, `masks` uint8 [G,H0,W0] (pycocotools' rasteriser),
     `boxes_xywh` float64 [G,4] (the annotation's bbox), `iscrowd` bool [G], `areas` float64 [G] (the
-    annotation's 'area' field, used for the COCO area ranges). Crowd annotations are included."""
+    annotation's 'area' field, used for the COCO area ranges). Crowd annotations are included.
+    as_runs: `masks` is a `MaskRuns` (column-major, from the annotations' RLEs: the same pixels, no
+    full-size array), for large images; pair it with run/RLE detections (`det_instances`)."""
     anns, h, w = record.annotations, record.height, record.width
-    masks = (np.stack([segmentation_to_mask(a.segmentation, h, w) for a in anns]) if anns
-             else np.zeros((0, h, w), dtype=np.uint8))
+    if as_runs:
+        masks = runs_from_rles([segmentation_to_rle(a.segmentation, h, w) for a in anns], h, w)
+    else:
+        masks = (np.stack([segmentation_to_mask(a.segmentation, h, w) for a in anns]) if anns
+                 else np.zeros((0, h, w), dtype=np.uint8))
     return {"image_id": int(record.image_id), "labels": np.array([a.category_id for a in anns], dtype=np.int64),
             "masks": masks, "boxes_xywh": np.array([a.bbox for a in anns], dtype=np.float64).reshape(-1, 4),
             "iscrowd": np.array([a.iscrowd for a in anns], dtype=bool),
@@ -55,10 +67,19 @@ def gt_instances(record: ImageRecord) -> dict:
 
 def det_instances(pred: dict, category_map: CategoryMap) -> dict:
     """Predictions at the original size (`inference.postprocess`) -> the coco_ap detection layout with json
-    category ids: `labels` int64 [N], `scores` float64 [N], `masks` bool [N,H0,W0], `boxes_xywh` [N,4]."""
+    category ids: `labels` int64 [N], `scores` float64 [N], `masks` bool [N,H0,W0], `boxes_xywh` [N,4].
+    pred["masks"] may also be a `CropMasks` or a list of COCO RLEs (large images): `masks` is then the
+    MaskRuns of those RLEs (column-major), never a full-size array."""
     boxes = pred["boxes"].double().numpy().reshape(-1, 4)
+    masks = pred["masks"]
+    if isinstance(masks, torch.Tensor):
+        masks = masks.numpy()
+    elif hasattr(masks, "image_size"):  # CropMasks
+        masks = runs_from_rles(masks.to_rles(), *masks.image_size)
+    elif isinstance(masks, (list, tuple)):  # RLE dicts: gains.coco_ap reads them as runs
+        masks = list(masks)
     return {"labels": np.array([category_map.to_json_id(v) for v in pred["labels"].tolist()], dtype=np.int64),
-            "scores": pred["scores"].double().numpy(), "masks": pred["masks"].numpy(),
+            "scores": pred["scores"].double().numpy(), "masks": masks,
             "boxes_xywh": np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)}
 
 
@@ -208,9 +229,16 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     `test.score_thresh` are dropped before scoring and writing (the model's own
     `model.roi_heads.score_thresh_test` has already applied). `expected_category_map`: the checkpoint's;
     an error if the split's json declares other categories. The model's train/eval mode is restored.
+
+    Images the Predictor would tile (`test.tiling`; 'auto': larger than `test.tile_size` on a side) are
+    predicted by `Predictor.from_config(model, cfg)` on the original image instead of the resized batch,
+    scored from runs (no dense [N,H,W] masks) and listed under `tiled_images` with a note; the rest take
+    the batched whole-image path unchanged.
     """
+    from .checkpoint import unwrap_model
     from .data import build_dataset
     from .imageio import read_image
+    from .predictor import Predictor
     from .visualize import save_instance_panels
 
     dataset = build_dataset(cfg, split, is_train=False)
@@ -226,15 +254,29 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     vis = int(cfg.test.vis if vis is None else vis) if rank == 0 else 0
     vis_thresh = float(cfg.test.vis_score_thresh)
     indices = shard_indices(len(dataset), rank, world)
-    acc, results = MetricAccumulator(), []
+    acc, results, tiled = MetricAccumulator(), [], []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for n, (index, pred) in enumerate(predict_dataset(
-                    model, dataset, indices, thresh, batch_size, int(cfg.data.num_workers),
-                    progress=verbose and rank == 0)):
+            predictor = Predictor.from_config(unwrap_model(model), cfg, progress=False, device=model_device(model))
+            large = [i for i in indices if predictor._tiles(dataset.records[i].height, dataset.records[i].width)]
+            big = set(large)
+            small = [i for i in indices if i not in big] if large else indices
+            for n, (index, pred) in enumerate(_predictions(model, predictor, dataset, small, large, thresh,
+                                                           batch_size, int(cfg.data.num_workers),
+                                                           verbose and rank == 0)):
                 record = dataset.records[index]
+                if "tiled" in pred:  # a large image: runs and crops only, never [N,H,W]
+                    tiled.append(int(record.image_id))
+                    rles = pred["masks"].to_rles()
+                    acc.add(gt_instances(record, as_runs=True), det_instances({**pred, "masks": rles}, cmap))
+                    results.extend(encode_results({**pred, "masks": rles}, record.image_id, cmap))
+                    if n < vis:
+                        _save_label_panels(pred, record, cfg, vis_thresh,
+                                           Path(output_dir) / "vis" / f"image_{record.image_id}.png",
+                                           f"{split} image {record.image_id} (tiled)")
+                    continue
                 gt = gt_instances(record)
                 acc.add(gt, det_instances(pred, cmap))
                 results.extend(encode_results(pred, record.image_id, cmap))
@@ -249,16 +291,18 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
                                          f"{split} image {record.image_id}")
     finally:
         model.train(was_training)
-    gathered = dist.all_gather_object((acc.images, results))
+    gathered = dist.all_gather_object((acc.images, results, tiled))
     if rank != 0:
         return {}
     acc = MetricAccumulator()
     kept: set[int] = set()
-    results = []
-    for images, res in gathered:  # rank order; an image id already taken from an earlier rank is skipped
+    results, tiled = [], set()
+    # rank order; an image id already taken from an earlier rank is skipped
+    for images, res, tiled_ids in gathered:
         new = set(images) - kept
         acc.merge({i: images[i] for i in new})
         results.extend(r for r in res if r["image_id"] in new)
+        tiled |= new & set(tiled_ids)
         kept |= new
     results.sort(key=lambda r: r["image_id"])  # stable: each image keeps its score order
     missing = sorted({r.image_id for r in dataset.records} - kept)
@@ -267,10 +311,74 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     metrics = summarize(acc.compute(list(cmap.json_ids), aji_mode), list(cmap.json_ids), list(cmap.names),
                         split=split, num_images=len(kept), num_detections=len(results), score_thresh=thresh,
                         aji_mode=aji_mode)
+    if tiled:
+        ids = sorted(tiled)
+        metrics["tiled_images"] = ids
+        metrics["notes"].append(
+            f"{len(ids)} image(s) larger than test.tile_size={int(cfg.test.tile_size)} px were predicted tile by "
+            f"tile at their original resolution (test.tiling={cfg.test.tiling}) and scored from runs: image ids "
+            f"{ids[:20]}{' ...' if len(ids) > 20 else ''}")
     write_outputs(output_dir, metrics, results, split)
     if verbose:
         print(format_table(metrics), flush=True)
     return metrics
+
+
+def _predictions(model, predictor, dataset, small: list[int], large: list[int], thresh: float, batch_size: int,
+                 num_workers: int, progress: bool):
+    """Yield (index, pred): the `small` images through the batched whole-image path (`predict_dataset`,
+    dense masks), then the `large` ones through `predictor` on the original image (`_predict_large`)."""
+    if small or not large:
+        yield from predict_dataset(model, dataset, small, thresh, batch_size, num_workers, progress=progress)
+    for index in large:
+        yield index, _predict_large(predictor, dataset, index, thresh)
+
+
+def _predict_large(predictor, dataset, index: int, thresh: float) -> dict:
+    """One large image predicted tile by tile at its original size (read and normalised like the data set,
+    `data.normalize`), detections with score < thresh dropped: `boxes`, `labels`, `scores` tensors and
+    `masks` a CropMasks, plus a `tiled` marker."""
+    from .imageio import read_image_array
+
+    record = dataset.records[index]
+    array = read_image_array(record.path)
+    if tuple(array.shape[:2]) != (record.height, record.width):
+        raise DataError(f"{record.path}: image id {record.image_id} is {tuple(array.shape[:2])} but the "
+                        f"json says {(record.height, record.width)}; fix the json's height/width")
+    pred = predictor([array])[0]
+    keep = pred["scores"] >= thresh
+    return {"boxes": pred["boxes"][keep], "labels": pred["labels"][keep], "scores": pred["scores"][keep],
+            "masks": pred["masks"].select(keep.numpy()), "tiled": True}
+
+
+def _save_label_panels(pred: dict, record: ImageRecord, cfg, vis_thresh: float, path, title: str) -> None:
+    """Ground truth | prediction overlays of a large image drawn from label images (O(H x W), subsampled
+    beyond 2048 px by `overlay_label_image`), never from [N,H,W] masks."""
+    from .imageio import read_image_array, to_float_rgb
+    from .instances import CropMasks
+    from .visualize import _pyplot, overlay_label_image, save_figure_atomic
+
+    array = read_image_array(record.path)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    image = to_float_rgb(array, str(cfg.data.normalize)).numpy()
+    anns = [a for a in record.annotations if not a.iscrowd]
+    gt = CropMasks.from_segmentations([a.segmentation for a in anns], record.height, record.width)
+    shown = (pred["scores"] >= vis_thresh).numpy()
+    det = pred["masks"].select(shown)
+    panels = [(f"ground truth ({len(gt)})", gt.label_image()),
+              (f"prediction ({int(shown.sum())}, score >= {vis_thresh:g})",
+               det.label_image(pred["scores"].numpy()[shown]))]
+    plt = _pyplot()
+    h, w = record.height, record.width
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.5 * h / max(w, 1) + 0.6), squeeze=False)
+    for ax, (name, labels) in zip(axes[0], panels):
+        ax.imshow(overlay_label_image(image, labels), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    save_figure_atomic(fig, path)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- results files
