@@ -36,11 +36,17 @@ def anomaly_loss(ga_logits: Tensor, labels: Tensor, ga_targets: Tensor) -> Tenso
 class ALRM(nn.Module):
     """Guidance conv + anomaly branch. `forward(x [R,C,S,S], f_m [R,D,S,S])` -> GA logits [R, K, 2S, 2S]."""
 
-    def __init__(self, in_channels: int, conv_dim: int, num_classes: int, num_convs: int = 4):
+    def __init__(self, in_channels: int, conv_dim: int, num_classes: int, num_convs: int = 4,
+                 guidance_init: str = "default"):
         super().__init__()
         self.guidance = nn.Conv2d(in_channels + conv_dim, conv_dim, 3, padding=1)
-        nn.init.kaiming_normal_(self.guidance.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.constant_(self.guidance.bias, 0.0)
+        # The authors never re-initialise their guidance conv: PyTorch's default Conv2d init ("default").
+        # "kaiming" (normal, fan_out, bias 0, like the branch convs) was this project's earlier choice.
+        if guidance_init == "kaiming":
+            nn.init.kaiming_normal_(self.guidance.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(self.guidance.bias, 0.0)
+        elif guidance_init != "default":
+            raise ValueError(f"model.alrm.guidance_init must be default or kaiming, got {guidance_init!r}")
         self.branch = ConvUpsampleHead(conv_dim, conv_dim, num_classes, num_convs)
 
     def forward(self, x: Tensor, f_m: Tensor) -> Tensor:

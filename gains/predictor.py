@@ -14,11 +14,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gains.instances import CropMasks
-from gains.transforms import resized_shape  # the data layer's resize rule, so train and test agree
+from gains.transforms import resize_image, resized_shape  # the data layer's resize, so train and test agree
 
 __all__ = ["Predictor", "paste_masks", "paste_masks_to_crops", "resized_shape", "to_model_image"]
 
@@ -279,9 +278,8 @@ class Predictor:
         """
         h0, w0 = (int(s) for s in images[0].shape[-2:])
         nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
-        batch = torch.stack([im.to(self.device) for im in images])
-        if (nh, nw) != (h0, w0):
-            batch = F.interpolate(batch, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        # the data layer's resize (PIL's for 8-bit images, as detectron2), so test and training pixels agree
+        batch = torch.stack([resize_image(im.cpu(), (nh, nw)).to(self.device) for im in images])
         out = []
         for det in self.model(list(batch)):
             scale = torch.tensor([w0 / nw, h0 / nh, w0 / nw, h0 / nh], device=det["boxes"].device)

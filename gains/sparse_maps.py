@@ -157,6 +157,13 @@ class SparseMaps:
                                        x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1], dtype=torch.float32)
         return out
 
+    def binarized(self, level: float) -> "SparseMaps":
+        """uint8 0/1 maps: 1 where the value is >= level (fill 0; requires fill < level)."""
+        if self.fill >= level:
+            raise ValueError("binarized() needs fill < level: the outside would turn into 1")
+        return SparseMaps(self.boxes, [(p >= level).to(torch.uint8) for p in self.patches], self.size, 0.0,
+                          torch.uint8)
+
     def areas(self) -> Tensor:
         """int64 [N] count of pixels != fill (for masks: the mask area)."""
         return torch.tensor([int((p != self.fill).sum()) for p in self.patches], dtype=torch.int64)

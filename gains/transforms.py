@@ -1,9 +1,16 @@
 """Joint geometric transforms of an image, its instance masks and their GA maps.
 
 One random draw decides the size and the flip for all three, so a GA map stays registered with its mask
-(GAINS_METHOD.md §3): images and GA maps are resized bilinearly (align_corners=False — nearest would turn the
-smooth anomaly ramps into steps), masks with nearest neighbour, and boxes are recomputed from the resized
-masks. Masks and GA maps are dense tensors [N,H,W] or `SparseMaps` (patches, gains/sparse_maps.py); both
+(GAINS_METHOD.md §3). All three use one geometry, pixel centres at (i + 0.5) * scale:
+- images: 8-bit ones (every value k/255) with PIL's bilinear resize, exactly detectron2's ResizeTransform
+  for uint8 images, so a converted checkpoint sees the authors' pixels; 16-bit and float images with
+  `F.interpolate(bilinear, align_corners=False, antialias=True)` (PIL's filter, in float);
+- GA maps bilinearly (align_corners=False — nearest would turn the smooth anomaly ramps into steps);
+- masks like GA maps, then inside where the bilinear value is >= 0.5 (ties inside): the resized mask is
+  exactly the binarised resized shape, registered with the image at any scale. (Nearest neighbour,
+  floor(r * s), shifts masks by up to half a source pixel: +0.47 px at 512 -> 800; detectron2 avoids it by
+  transforming polygons continuously.)
+Boxes are recomputed from the resized masks. Masks and GA maps are dense tensors [N,H,W] or `SparseMaps` (patches, gains/sparse_maps.py); both
 go through the same geometry with the same numbers.
 
 Beyond the paper's resize + horizontal flip (the paper configs use nothing else), training can take a random
@@ -16,8 +23,10 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .sparse_maps import SparseMaps
 
@@ -54,17 +63,42 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+MASK_LEVEL = 0.5 - 1e-4  # resized mask: inside at >= 0.5; the margin makes exact ties (float noise) inside
+
+
+def is_8bit(image: torch.Tensor) -> bool:
+    """True when every value of a float image in [0,1] is k/255 (an 8-bit source: k/255*255 is exactly k
+    in float32 for every k, so the test is exact)."""
+    scaled = image * 255.0
+    return bool(torch.equal(scaled, scaled.round()))
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """float32 [C,H,W] in [0,1] -> [C,h,w]: PIL's bilinear resize for 8-bit images (module docstring),
+    antialiased bilinear interpolation in float otherwise."""
+    h, w = int(size[0]), int(size[1])
+    if tuple(image.shape[-2:]) == (h, w):
+        return image
+    if image.device.type == "cpu" and is_8bit(image):
+        pixels = (image * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        out = np.asarray(pil.resize((w, h), Image.BILINEAR))
+        out = torch.from_numpy(out.reshape(h, w, -1).copy()).permute(2, 0, 1)
+        return out.to(torch.float32) / 255.0
+    return F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
 def resize(image: torch.Tensor, masks, ga, size: tuple[int, int]):
     """Resize image float [3,H,W], masks uint8 [N,H,W] and optional GA maps float [N,H,W] to `size` (h, w).
     Masks and GA maps may be SparseMaps (same numbers on their patches)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, masks, ga
-    # antialias: like PIL's bilinear resize that detectron2 uses; matters only when shrinking
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    image = resize_image(image, size)
     if isinstance(masks, SparseMaps):
-        masks = masks.resized(size, "nearest")
+        masks = masks.to(torch.float32).resized(size, "bilinear").binarized(MASK_LEVEL)
     elif masks.shape[0]:
-        masks = F.interpolate(masks[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
+        masks = (F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                 >= MASK_LEVEL).to(torch.uint8)
     else:
         masks = masks.new_zeros((0, *size))
     if isinstance(ga, SparseMaps):

@@ -335,14 +335,15 @@ def test_predictor_any_image_original_size():
 
 
 def _old_predict(model, image, min_size, max_size):
-    """The whole-image Predictor before tiling and CropMasks: dense masks, the model's own detection cap."""
+    """The whole-image Predictor before tiling and CropMasks: dense masks, the model's own detection cap
+    (with today's resize, `transforms.resize_image`: PIL's for 8-bit images)."""
     from gains.predictor import to_model_image
+    from gains.transforms import resize_image
 
     x = to_model_image(image)
     h0, w0 = x.shape[-2:]
     nh, nw = resized_shape(h0, w0, min_size, max_size)
-    if (nh, nw) != (h0, w0):
-        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = resize_image(x, (nh, nw))
     with torch.no_grad():
         det = model.eval()([x])[0]
     boxes = det["boxes"] * torch.tensor([w0 / nw, h0 / nh, w0 / nw, h0 / nh])
