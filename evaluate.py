@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def score_file(args) -> None:
     gt_path, pred_path = Path(args.gt), Path(args.pred)
     gt = _read_json(gt_path, "ground-truth json (--gt)")
     results = _read_json(pred_path, "results json (--pred)")
-    metrics = evaluate_results(gt, results, args.aji_mode or "clean", args.score_thresh, split=pred_path.stem)
+    metrics = evaluate_results(gt, results, args.aji_mode or "clean", args.score_thresh, split=pred_path.stem,
+                               gt_name=str(gt_path), results_name=str(pred_path))
     metrics.update(gt=str(gt_path), pred=str(pred_path))
     out = Path(args.out) if args.out else pred_path.with_name(f"{pred_path.stem}_metrics.json")
     write_json_atomic(out, metrics)
@@ -104,6 +106,16 @@ def run_model(args) -> None:
         print(f"wrote {out}/metrics.json and {out}/results_{split}.json")
 
 
+def one_line(e: BaseException) -> str:
+    """Our error's message without the traceback text torch's DataLoader adds to errors from workers."""
+    text = str(e)
+    if "Original Traceback" in text:
+        found = re.findall(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)$", text, flags=re.M)
+        if found:
+            return found[-1]
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gains.evaluation import EvaluationError
@@ -122,7 +134,7 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError, EvaluationError, FileNotFoundError) as e:
         # errors whose message names the culprit and the fix: no traceback
         if rank == 0:
-            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            print(f"evaluate.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_distributed()

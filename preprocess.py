@@ -109,18 +109,23 @@ def run_gamm(args) -> int:
 
     params = GammParams(args.variant, args.window_size, args.ga_factor, args.overlap_hl, args.target_category)
     try:
-        records, categories, dropped = load_coco(args.json, args.images)
+        # check_pixels: a corrupt or truncated image is reported here (file, image id), not at training time
+        records, categories, dropped = load_coco(args.json, args.images, check_pixels=True)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"preprocess.py: error: {e}", file=sys.stderr)
         return 2
     if args.target_category not in categories.json_ids:
-        print(f"error: --target-category {args.target_category} is not a category of {args.json} "
-              f"(ids {list(categories.json_ids)}: {list(categories.names)})", file=sys.stderr)
+        print(f"preprocess.py: error: --target-category {args.target_category} is not a category of "
+              f"{args.json} (ids {list(categories.json_ids)}: {list(categories.names)})", file=sys.stderr)
         return 2
     map_dir = (args.out or args.images) / params.folder_name
     store = GAMapStore(map_dir, params, on_the_fly=True, dtype=args.dtype, layout=args.layout)
     start = time.perf_counter()
-    summary = fill_map_folder(records, store, workers=args.workers, overwrite=args.overwrite)
+    try:
+        summary = fill_map_folder(records, store, workers=args.workers, overwrite=args.overwrite)
+    except DataError as e:  # an existing map file that belongs to other data (GAMapStore.missing)
+        print(f"preprocess.py: error: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     print(f"GAMM {params.variant} ws={params.window_size} GA={params.ga_factor} ol={params.overlap_hl} "
           f"target={params.target_category_id} -> {map_dir}")
@@ -151,7 +156,7 @@ def run_convert(args) -> int:
                            split_ratios=args.split_ratios, category_name=args.category_name,
                            overwrite=args.overwrite)
     except (DataError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"preprocess.py: error: {e}", file=sys.stderr)
         return 2
     print(f"data set written to {out}")
     for split, (images, instances) in describe_dataset(out).items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from gains import dist
@@ -35,6 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def one_line(e: BaseException) -> str:
+    """The message of one of our errors, without the traceback text that torch's DataLoader puts in front
+    of an exception re-raised from a worker process ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ...")."""
+    text = str(e)
+    if "Original Traceback" in text:
+        found = re.findall(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)$", text, flags=re.M)
+        if found:
+            return found[-1]
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))  # known before the process group exists
@@ -47,12 +60,13 @@ def main(argv=None) -> int:
         return 2
     from gains.coco import DataError
     from gains.engine import train
+    from gains.evaluation import EvaluationError
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
+    except (ConfigError, CheckpointError, DataError, EvaluationError, FloatingPointError) as e:
         # Errors whose message says what to fix: print it without a traceback.
         if rank == 0:
-            print(f"train.py: error: {e}", file=sys.stderr)
+            print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_distributed()

@@ -24,7 +24,20 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .checkpoint import CheckpointError, torch_load_safely
+
 logger = logging.getLogger(__name__)
+
+WEIGHTS_EXPECTED = ("an ImageNet ResNet state dict saved with torch.save(model.state_dict()) (torchvision names) "
+                    "or detectron2's MSRA R-50.pkl / R-101.pkl")
+
+
+class WeightsNotFoundError(CheckpointError, FileNotFoundError):
+    """model.backbone.weights names no file (a CheckpointError, so the CLIs print it as one line)."""
+
+
+class WeightsMismatchError(CheckpointError, ValueError):
+    """The weights file is readable but is not a ResNet state dict of this depth; the message names the keys."""
 
 RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
                  50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
@@ -87,7 +100,8 @@ def _unwrap_state_dict(obj) -> dict:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError("expected a torchvision ResNet state dict (name -> tensor)")
+        raise WeightsMismatchError(f"found a {type(obj).__name__} without tensors under names; expected "
+                                   f"{WEIGHTS_EXPECTED}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
@@ -101,7 +115,7 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"backbone weights not found: {path}. Nothing is downloaded: save an ImageNet ResNet state dict "
             "there (e.g. `torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
             f"'{path}')` on a machine with internet, or detectron2's MSRA R-50.pkl / R-101.pkl), or set "
@@ -109,10 +123,11 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
     if path.suffix == ".pkl":
         state = _read_pkl_weights(net, path)
     else:
+        obj = torch_load_safely(path, expected=WEIGHTS_EXPECTED, what="backbone weights (model.backbone.weights)")
         try:
-            state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            state = _unwrap_state_dict(obj)
+        except WeightsMismatchError as e:
+            raise WeightsMismatchError(f"{path} (model.backbone.weights): {e}") from None
     own = net.state_dict()
     # group by module ("layer1.2.bn1" rather than its 4 tensors) so the message stays readable
     missing = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in own
@@ -120,7 +135,7 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or mismatched:
-        raise ValueError(f"{path} does not fit this ResNet (wrong depth?). "
+        raise WeightsMismatchError(f"{path} does not fit this ResNet (wrong depth?). "
                          f"Missing modules: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
                          f"shape mismatches: {mismatched[:20]}{' ...' if len(mismatched) > 20 else ''}")
     ignorable = ("fc.", "running_mean", "running_var", "num_batches_tracked")

@@ -30,8 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,8 +173,46 @@ def preserved_rng_state() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------- reading
 
+CHECKPOINT_EXPECTED = ("a checkpoint written by train.py (model_*.pth), a state dict saved with torch.save, or a "
+                       "detectron2 / MSRA .pkl")
+
+
+def torch_load_safely(path: str | os.PathLike, expected: str = CHECKPOINT_EXPECTED, what: str = "checkpoint") -> Any:
+    """`torch.load(path, map_location="cpu", weights_only=True)`; any failure is ONE line of CheckpointError,
+    `cannot read {what} {path}: {why}; expected {expected}`. torch's own text is not passed on when it
+    mentions `weights_only`: refusing a file that holds arbitrary pickled objects is the point, and the
+    advice to retry with weights_only=False would run whatever code the file carries."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # protocol notes of the weights-only unpickler are not for users
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # the weights-only unpickler met a class or function reference
+            why = (f"it holds pickled Python objects ({found.group(1)}), not only tensors and plain containers; "
+                   "they are not loaded because unpickling them can run arbitrary code")
+        else:
+            why = "corrupt, or not a file written by torch.save (no valid pickle data)"
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, ImportError, IndexError,
+            TypeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+        # truncated zip ("failed finding central directory"), empty file (EOFError), text (KeyError), ...
+        why = f"truncated, corrupt or not a file written by torch.save ({_first_line(e)})"
+    raise CheckpointError(f"cannot read {what} {path}: {why}; expected {expected}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first sentence of the message` (at most 120 chars; dropped when it mentions weights_only)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(". ")[0][:120]
+    if "weights_only" in text.lower():
+        text = ""
+    return type(e).__name__ + (f": {text}" if text else "")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file to CPU with weights_only=True; clear errors for missing/corrupt files."""
+    """Load a checkpoint file to CPU with weights_only=True; one-line CheckpointError for missing, corrupt,
+    truncated or unsafe files (torch_load_safely)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -179,10 +220,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         from gains.convert_d2 import read_foreign_weights
         state, meta = read_foreign_weights(path)
         return {**meta, "model": state}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    return torch_load_safely(path)
 
 
 def _model_state_from(obj: Any, path: Path, convert_foreign: bool = False) -> dict[str, torch.Tensor]:

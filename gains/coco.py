@@ -4,10 +4,23 @@ Validation happens here, once, at the boundary (DESIGN.md §5.2, detectron2's lo
 errors stop loading with a message naming the file, image id or annotation id and the fix; data that can be
 dropped safely is dropped with ONE counted warning per kind of problem, listing the first offending ids.
 Downstream code trusts the records.
+
+What is an error (DataError), not a drop: a json that is not a COCO instances mapping (missing or non-list
+'images' / 'annotations' / 'categories'; an empty list is fine), fields of the wrong type (ids, sizes,
+coordinates that are not numbers), coordinates that are not finite or lie outside the image by more than
+the tolerance below, malformed RLE (size other than the image's, counts that do not decode to exactly H*W
+pixels), and image files whose header cannot be read. None of these can be fixed by guessing, and all of
+them used to reach C code (pycocotools, the GAMM lattice) that crashes or silently clips on them.
+
+Coordinate convention and tolerance: COCO polygon vertices and boxes are in pixel-edge coordinates, the image
+spans [0, W] x [0, H]. Annotation tools often put border vertices slightly outside (-0.5, W + 0.5), so vertices
+and box corners may lie up to `coordinate_tolerance(H, W)` = max(1 px, 1 % of the side) outside the image;
+beyond that the annotation belongs to another image size (or is garbage) and loading stops.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -98,51 +111,224 @@ class _Problems:
         return {kind: len(w) for kind, w in self.kinds.items()}
 
 
+COCO_KEYS = ("images", "annotations", "categories")
+
+
 def _read_json(json_path: Path) -> dict:
     if not json_path.is_file():
         raise DataError(f"annotation file not found: {json_path}; put the data set there (README, section "
                         "Data: train.json/val.json/test.json + train/ val/ test/ image folders) or point to it "
                         "(training: data.root=DIR; preprocess.py: --json/--images)")
     try:
-        with open(json_path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{json_path}: not valid JSON ({e})") from None
-    for key in ("images", "categories"):
+        with open(json_path, "rb") as f:
+            data = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{json_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{json_path}: the top level is a {type(data).__name__}, not a COCO instances mapping "
+                        "with 'images', 'annotations' and 'categories' lists")
+    for key in COCO_KEYS:
         if key not in data:
             raise DataError(f"{json_path}: missing top-level '{key}'; a COCO instances file needs "
-                            "'images', 'annotations' and 'categories'")
+                            "'images', 'annotations' and 'categories' (an empty 'annotations' list is fine)")
+        if not isinstance(data[key], list):
+            raise DataError(f"{json_path}: top-level '{key}' is a {type(data[key]).__name__}, not a list; "
+                            "a COCO instances file holds lists of dicts there")
+        for n, item in enumerate(data[key]):
+            if not isinstance(item, dict):
+                raise DataError(f"{json_path}: '{key}' entry #{n} is a {type(item).__name__} ({_short(item)}), "
+                                "not a dict; every entry is a JSON object")
     return data
 
 
-def _image_path(image_dir: Path, image: dict, json_path: Path) -> Path:
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """A JSON number that is finite as a float64 (not bool, NaN, inf, or an int beyond float range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v)
+
+
+INT64_MAX = 2 ** 63 - 1
+
+
+def _is_int64(value: Any) -> bool:
+    """An integer (or integral float) in the int64 range that COCO tools and tensors hold ids in."""
+    if not is_finite_number(value) or (isinstance(value, float) and not value.is_integer()):
+        return False
+    return -INT64_MAX - 1 <= int(value) <= INT64_MAX
+
+
+def _as_int(value: Any, what: str, fix: str = "fix the json") -> int:
+    """`value` as an int: JSON integers (and integral floats such as 3.0) in the int64 range that COCO tools
+    and tensors hold ids in; anything else is a DataError."""
+    if _is_int64(value):
+        return int(value)
+    raise DataError(f"{what} is {_short(value)}, not a (64-bit) integer; {fix}")
+
+
+def coordinate_tolerance(height: int, width: int) -> tuple[float, float]:
+    """(x, y) distance that polygon vertices / box corners may lie outside [0, W] x [0, H]: max(1 px, 1 %)."""
+    return max(1.0, 0.01 * width), max(1.0, 0.01 * height)
+
+
+def _image_path(image_dir: Path, image: dict, json_path: Path, image_id: int) -> Path:
     name = image.get("file_name")
     if not name:
-        raise DataError(f"{json_path}: image id {image.get('id')} has no file_name")
+        raise DataError(f"{json_path}: image id {image_id} has no file_name; give the image file's path "
+                        "relative to the image folder")
+    if not isinstance(name, str) or "\x00" in name:
+        raise DataError(f"{json_path}: image id {image_id} has file_name {_short(name)}, not a file name; give "
+                        "the image file's path relative to the image folder as a string")
     root = image_dir.resolve()
     path = (root / name).resolve()
     if root != path and root not in path.parents:
-        raise DataError(f"{json_path}: image id {image['id']} file_name {name!r} points outside the image "
+        raise DataError(f"{json_path}: image id {image_id} file_name {name!r} points outside the image "
                         f"folder {root}; use a path relative to that folder")
     return path
 
 
-def _clean_segmentation(ann: dict, height: int, width: int, problems: _Problems) -> Any | None:
-    """Return a usable segmentation or None (problem recorded). Polygons with < 3 points are dropped."""
-    seg = ann.get("segmentation")
-    where = f"annotation id {ann['id']} (image {ann['image_id']})"
-    if isinstance(seg, dict):  # RLE
+def _rle_string_counts(counts: str | bytes) -> np.ndarray | None:
+    """Run lengths of a compressed COCO RLE string, or None when it is malformed.
+
+    The format of pycocotools' rleToString/rleFrString: each count is a little-endian series of 5-bit groups,
+    one char each (char - 48; bit 0x20 = more groups follow, bit 0x10 of the last = negative), and counts from
+    the fourth on are stored as differences to the count two places earlier. Decoding it here (numpy) lets us
+    check the runs before pycocotools' C code, which reads past the string's end on a dangling group and
+    trusts the counts."""
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    if ((c < 0) | (c > 63)).any():
+        return None
+    more = (c & 0x20) != 0
+    if more[-1]:
+        return None
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 7:  # > 35 bits: no image has such a run, and pycocotools' int shifts overflow
+        return None
+    pos = np.arange(c.size) - np.repeat(starts, lengths)
+    x = np.add.reduceat((c & 0x1F) << (5 * pos), starts)
+    x = np.where((c[ends] & 0x10) != 0, x - (np.int64(1) << (5 * lengths)), x)
+    out = x.copy()
+    out[1::2] = np.cumsum(x[1::2])
+    if len(x) > 2:
+        out[2::2] = np.cumsum(x[2::2])
+    return out
+
+
+def check_segmentation(seg: Any, height: int, width: int, where: str) -> None:
+    """Raise DataError (message starts with `where`) unless `seg` is well-formed for an H x W image: polygons
+    are lists of finite numbers within `coordinate_tolerance` of the image, RLE has `size` [H, W] and counts
+    (compressed or not) of non-negative runs summing to H*W. Structure only: polygons with < 3 points pass
+    (load_coco drops them with a counted warning)."""
+    if isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
-            raise DataError(f"{where}: RLE segmentation needs 'counts' and 'size'")
-        if [int(s) for s in seg["size"]] != [height, width]:
-            raise DataError(f"{where}: RLE size {seg['size']} differs from the image size {[height, width]}; "
-                            "re-encode the mask at the image's resolution")
-        return seg
-    if not isinstance(seg, list) or len(seg) == 0:
+            raise DataError(f"{where}: RLE segmentation needs 'counts' and 'size'; write it with "
+                            "pycocotools.mask.encode (compressed) or as {'size': [H, W], 'counts': [runs]}")
+        size = seg["size"]
+        if (not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int64(v) for v in size)
+                or [int(v) for v in size] != [height, width]):
+            raise DataError(f"{where}: RLE size {_short(size)} differs from the image size {[height, width]} "
+                            "(HxW); re-encode the mask at the image's resolution")
+        counts = seg["counts"]
+        if isinstance(counts, (str, bytes)):
+            runs = _rle_string_counts(counts)
+            if runs is None:
+                raise DataError(f"{where}: compressed RLE counts {_short(counts)} are not a valid COCO RLE "
+                                "string; re-encode the mask with pycocotools.mask.encode")
+            kind = "compressed"
+        elif isinstance(counts, list):
+            if not all(_is_int64(v) for v in counts):
+                bad = next(v for v in counts if not _is_int64(v))
+                raise DataError(f"{where}: uncompressed RLE counts hold {_short(bad)}; counts are integer run "
+                                "lengths (column-major, starting with background)")
+            runs = [int(v) for v in counts]  # Python ints: exact sums, whatever the values
+            kind = "uncompressed"
+        else:
+            raise DataError(f"{where}: RLE counts are a {type(counts).__name__}; they must be a string "
+                            "(compressed) or a list of run lengths (uncompressed)")
+        lowest = (int(runs.min()) if isinstance(runs, np.ndarray) else min(runs)) if len(runs) else 0
+        if lowest < 0:
+            raise DataError(f"{where}: {kind} RLE has a negative run length ({lowest}); re-encode the mask "
+                            "with pycocotools.mask.encode")
+        total = int(runs.sum()) if isinstance(runs, np.ndarray) else sum(runs)
+        if total != height * width:
+            raise DataError(f"{where}: {kind} RLE runs sum to {total} pixels but the image has "
+                            f"{height}x{width} = {height * width}; the counts are truncated or belong to "
+                            "another image size — re-encode the mask at the image's resolution")
+        return
+    if not isinstance(seg, list):
+        raise DataError(f"{where}: segmentation is a {type(seg).__name__} ({_short(seg)}); it must be a list of "
+                        "polygons [[x0, y0, x1, y1, ...], ...] or an RLE dict {'size': [H, W], 'counts': ...}")
+    polygons = [seg] if seg and all(_is_number(v) for v in seg) else seg
+    tx, ty = coordinate_tolerance(height, width)
+    for n, poly in enumerate(polygons):
+        if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            bad = poly if not isinstance(poly, list) else next(v for v in poly if not _is_number(v))
+            raise DataError(f"{where}: polygon #{n} holds {_short(bad)}; a polygon is a flat list of numbers "
+                            "[x0, y0, x1, y1, ...]")
+        if not all(is_finite_number(v) for v in poly):
+            raise DataError(f"{where}: polygon #{n} has non-finite coordinates (NaN, infinity or beyond the "
+                            "float range); fix or remove this annotation")
+        xy = np.asarray(poly, dtype=np.float64)
+        xs, ys = xy[0::2], xy[1::2]
+        if (xs.size and (xs.min() < -tx or xs.max() > width + tx)) or \
+                (ys.size and (ys.min() < -ty or ys.max() > height + ty)):
+            def span(v):
+                return f"{v.min():g}..{v.max():g}" if v.size else "-"
+            raise DataError(
+                f"{where}: polygon #{n} spans x {span(xs)}, y {span(ys)}, "
+                f"outside the {height}x{width} (HxW) image by more than {tx:g}/{ty:g} px; the coordinates "
+                "belong to another image size or are wrong — fix this annotation (or the image's height/width)")
+
+
+def _check_bbox(bbox: Any, height: int, width: int, where: str) -> tuple | None:
+    """A COCO xywh box as 4 floats, or None when absent / not of length 4 (it is then taken from the mask)."""
+    if bbox is None:
+        return None
+    if not isinstance(bbox, (list, tuple)) or not all(_is_number(v) for v in bbox):
+        raise DataError(f"{where}: bbox {_short(bbox)} is not a list of numbers [x, y, width, height]; fix it "
+                        "or leave it out (it is then computed from the mask)")
+    if len(bbox) != 4:
+        return None
+    if not all(is_finite_number(v) for v in bbox):
+        raise DataError(f"{where}: bbox {_short(bbox)} has non-finite values; fix it or leave it out")
+    x, y, w, h = (float(v) for v in bbox)
+    tx, ty = coordinate_tolerance(height, width)
+    if x < -tx or y < -ty or x + max(w, 0) > width + tx or y + max(h, 0) > height + ty:
+        raise DataError(f"{where}: bbox {_short(bbox)} (xywh) lies outside the {height}x{width} (HxW) image by "
+                        f"more than {tx:g}/{ty:g} px; fix it or leave it out (it is then computed from the mask)")
+    return x, y, w, h
+
+
+def _clean_segmentation(ann: dict, height: int, width: int, problems: _Problems, where: str) -> Any | None:
+    """Return a usable segmentation or None (problem recorded). Polygons with < 3 points are dropped;
+    malformed ones raise (check_segmentation)."""
+    seg = ann.get("segmentation")
+    if seg is None or (isinstance(seg, list) and len(seg) == 0):
         problems.add("annotations with an empty segmentation dropped", where,
                      "give each instance a polygon or an RLE mask")
         return None
-    if all(isinstance(v, (int, float)) for v in seg):  # a single flat polygon not wrapped in a list
+    check_segmentation(seg, height, width, f"{problems.json_path}: {where}")
+    if isinstance(seg, dict):  # RLE
+        return seg
+    if all(_is_number(v) for v in seg):  # a single flat polygon not wrapped in a list
         seg = [seg]
     polygons = []
     for poly in seg:
@@ -164,84 +350,118 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
 
 
 def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, skip_empty: bool = False,
-              check_image_sizes: bool = True) -> tuple[list[ImageRecord], CategoryMap, dict[str, int]]:
+              check_image_sizes: bool = True, check_pixels: bool = False
+              ) -> tuple[list[ImageRecord], CategoryMap, dict[str, int]]:
     """Load and validate a COCO instances json.
 
     Args:
         json_path: the COCO file. image_dir: the folder `file_name`s are relative to.
         skip_empty: drop images without (valid) annotations (counted warning) instead of keeping them.
         check_image_sizes: open each image header to compare its size with the json (cheap: header only).
+        check_pixels: also decode every image, so a truncated or corrupt pixel stream is reported now, naming
+            the image id, rather than when the image is first used (preprocess.py: data set preparation).
     Returns:
         (records in json image order, category map, {problem kind: count of dropped items}).
     Raises:
-        DataError naming the file, image id or annotation id, for: a missing image file, an image size that
-        differs from the json, duplicate or zero annotation ids, duplicate image ids, unknown category or
-        image ids, a file_name escaping the image folder, malformed RLE.
+        DataError naming the file, image id or annotation id and the fix, for: a json that is not a COCO
+        instances mapping (missing or non-list 'images' / 'annotations' / 'categories'), fields of the wrong
+        type, a missing or unreadable image file, an image size that differs from the json, duplicate or
+        non-positive annotation ids, duplicate image ids, unknown category or image ids, a file_name escaping
+        the image folder, polygons or boxes with non-finite coordinates or outside the image (module
+        docstring: tolerance), malformed RLE (size, run lengths), a non-finite or negative area.
     """
-    from .imageio import read_image_size  # local import: keeps this module usable without pillow/tifffile
+    from .imageio import read_image_array, read_image_size  # local: this module works without pillow/tifffile
 
     json_path, image_dir = Path(json_path), Path(image_dir)
     data = _read_json(json_path)
     if not data["categories"]:
         raise DataError(f"{json_path}: 'categories' is empty; list every category with its id and name")
+    for n, c in enumerate(data["categories"]):
+        c["id"] = _as_int(c.get("id"), f"{json_path}: category #{n} ({_short(c)}) id",
+                          "give every category an integer id")
     categories = CategoryMap.from_categories(data["categories"])
     if len(set(categories.json_ids)) != len(categories.json_ids):
-        raise DataError(f"{json_path}: duplicate category ids {categories.json_ids}")
+        raise DataError(f"{json_path}: duplicate category ids {categories.json_ids}; category ids must be unique")
     problems = _Problems(json_path)
 
     records: dict[int, ImageRecord] = {}
-    for image in data["images"]:
-        image_id = int(image["id"])
+    for n, image in enumerate(data["images"]):
+        image_id = _as_int(image.get("id"), f"{json_path}: image #{n} ({_short(image.get('file_name'))}) id",
+                           "give every image a unique integer id")
         if image_id in records:
             raise DataError(f"{json_path}: duplicate image id {image_id}; image ids must be unique")
-        path = _image_path(image_dir, image, json_path)
+        path = _image_path(image_dir, image, json_path, image_id)
         if not path.is_file():
             raise DataError(f"{json_path}: image id {image_id}: file {path} not found; put the image there "
                             "or fix file_name / the images folder setting")
-        height, width = int(image["height"]), int(image["width"])
+        height, width = (_as_int(image.get(k), f"{json_path}: image id {image_id} {k}",
+                                 "give the image's size in pixels") for k in ("height", "width"))
+        if height < 1 or width < 1:
+            raise DataError(f"{json_path}: image id {image_id} is {height}x{width} (HxW) in the json; give the "
+                            "image's size in pixels (both >= 1)")
         if check_image_sizes:
-            real = read_image_size(path)
+            try:
+                real = read_image_size(path)
+            except DataError as e:
+                raise DataError(f"{json_path}: image id {image_id}: {e}") from None
             if real != (height, width):
                 raise DataError(f"{json_path}: image id {image_id} ({path.name}) is {real[0]}x{real[1]} "
                                 f"(HxW) on disk but {height}x{width} in the json; fix the json's height/width")
+        if check_pixels:
+            try:
+                read_image_array(path)
+            except DataError as e:
+                raise DataError(f"{json_path}: image id {image_id}: {e}") from None
         records[image_id] = ImageRecord(image_id, path, height, width)
 
     seen_ann_ids: set[int] = set()
-    for ann in data.get("annotations", []):
+    for n, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id")
-        if ann_id is None or int(ann_id) == 0:
-            raise DataError(f"{json_path}: an annotation of image {ann.get('image_id')} has id {ann_id}; "
-                            "annotation ids must be integers >= 1 (id 0 is treated as 'unmatched' by COCO "
-                            "tools and names GA map files); renumber them")
+        if not _is_int64(ann_id) or int(ann_id) < 1:
+            raise DataError(f"{json_path}: annotation #{n} (image {_short(ann.get('image_id'))}) has id "
+                            f"{_short(ann_id)}; annotation ids must be integers >= 1 (id 0 is treated as "
+                            "'unmatched' by COCO tools and names GA map files); renumber them")
         ann_id = int(ann_id)
         if ann_id in seen_ann_ids:
             raise DataError(f"{json_path}: duplicate annotation id {ann_id}; annotation ids must be unique "
                             "(GA maps are stored as <annotation id>.npy)")
         seen_ann_ids.add(ann_id)
-        record = records.get(int(ann.get("image_id", -1)))
+        image_id = ann.get("image_id")
+        record = records.get(int(image_id)) if _is_int64(image_id) else None
         if record is None:
-            raise DataError(f"{json_path}: annotation id {ann_id} refers to image id {ann.get('image_id')}, "
+            raise DataError(f"{json_path}: annotation id {ann_id} refers to image id {_short(image_id)}, "
                             "which is not in 'images'")
-        if ann.get("category_id") not in categories.json_ids:
-            raise DataError(f"{json_path}: annotation id {ann_id} has category_id {ann.get('category_id')}, "
+        category_id = ann.get("category_id")
+        if not _is_number(category_id) or category_id not in categories.json_ids:
+            raise DataError(f"{json_path}: annotation id {ann_id} has category_id {_short(category_id)}, "
                             f"not among the declared categories {list(categories.json_ids)}")
-        seg = _clean_segmentation(ann, record.height, record.width, problems)
+        where = f"{json_path}: annotation id {ann_id} (image {record.image_id})"
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd is None:
+            iscrowd = 0
+        if iscrowd not in (0, 1) or not (_is_number(iscrowd) or isinstance(iscrowd, bool)):
+            raise DataError(f"{where}: iscrowd is {_short(iscrowd)}; it must be 0 or 1")
+        area = ann.get("area")
+        if area is not None and not (is_finite_number(area) and area >= 0):
+            raise DataError(f"{where}: area is {_short(area)}; it must be a finite number >= 0 (the mask's "
+                            "pixel count), or leave it out to have it computed")
+        bbox = _check_bbox(ann.get("bbox"), record.height, record.width, where)
+        seg = _clean_segmentation(ann, record.height, record.width, problems,
+                                  f"annotation id {ann_id} (image {record.image_id})")
         if seg is None:
             continue
         rle = segmentation_to_rle(seg, record.height, record.width)
         pixels = float(mask_utils.area(rle))
-        bbox = tuple(float(v) for v in ann.get("bbox", ()))
-        if len(bbox) != 4:
+        if bbox is None:
             bbox = tuple(float(v) for v in mask_utils.toBbox(rle))
         if pixels == 0 or bbox[2] <= 0 or bbox[3] <= 0:
             problems.add("annotations with a degenerate box or no pixel dropped",
                          f"annotation id {ann_id} (image {record.image_id})",
                          "such instances cover no pixel; remove them or fix the polygon/box")
             continue
-        area = float(ann["area"]) if ann.get("area") is not None else pixels
+        area = float(area) if area is not None else pixels
         record.annotations.append(AnnotationRecord(
-            ann_id, int(ann["category_id"]), categories.to_label(ann["category_id"]), seg, bbox,
-            bool(ann.get("iscrowd", 0)), area))
+            ann_id, int(category_id), categories.to_label(category_id), seg, bbox, bool(iscrowd), area))
 
     out = []
     for record in records.values():

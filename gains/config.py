@@ -5,12 +5,20 @@ its parent with `_base_: base.yaml` (relative to its own folder) and overrides a
 command line use dotted paths (`solver.base_lr=0.01`); their values are parsed as YAML (`[640, 800]`, `null`,
 `true`). A key that base.yaml does not declare is rejected with its full dotted name, so a typo never trains
 silently with a default.
+
+Values are type-checked against base.yaml, in config files and overrides alike: a key takes the type of its
+base.yaml default (int; float, ints accepted; bool; str, numbers accepted as text; list, with the element
+type of the default when it is homogeneous). Keys that take more than one form, or whose default is null,
+declare their forms in `TYPES` below. A wrong type is one ConfigError line naming the key, the value and the
+expected type, e.g. `command-line override: solver.max_iter='abc' is not an integer (e.g. 20000)`.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +30,105 @@ BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the file."""
+
+
+# Accepted forms of the keys whose base.yaml default is null or that take more than one form, separated by
+# " | ": null, int, float (ints accepted), bool, str, list[T] (elements of type T), list[T, n] (exactly n).
+# Every base.yaml key with a null default must be listed here (tests/test_bad_inputs.py checks it).
+TYPES = {
+    "init_weights": "str | null",                       # path of a whole-model .pth
+    "data.min_size_train": "int | list[int]",           # one size or the multi-scale choices
+    "data.intensity_scale": "list[float, 2] | null",    # [lo, hi]
+    "data.crop_size": "int | list[int, 2] | null",      # S or [h, w]
+    "gamm.map_dir": "str | null",                       # folder
+    "model.backbone.weights": "str | null",             # path of ImageNet weights
+    "model.rpn.anchor_sizes": "list[float]",            # anchor sides in px may be fractional (2^(1/3) scales)
+    "model.alrm.mask_loss_weight": "float | null",
+    "solver.amp": "bool | int | str",                   # false / true (0 / 1) / bf16 / fp16 (engine.parse_amp)
+    "test.detections_per_tile": "int | null",
+}
+
+_FORM = re.compile(r"^(null|int|float|bool|str)$|^list\[(int|float|bool|str)(?:,\s*(\d+))?\]$")
+_NAMES = {"null": "null", "int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+_PLURAL = {"int": "integers", "float": "finite numbers", "bool": "booleans", "str": "strings"}
+
+
+def _scalar_kind(value: Any) -> str | None:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return None
+
+
+def _forms_of(dotted: str, default: Any) -> list[tuple]:
+    """[(kind, element kind or None, length or None)] accepted for a key, from TYPES or its default."""
+    if dotted in TYPES:
+        out = []
+        for form in TYPES[dotted].split("|"):
+            m = _FORM.match(form.strip())
+            if not m:
+                raise ConfigError(f"gains/config.py TYPES[{dotted!r}] has the unknown form {form.strip()!r}")
+            out.append(("list", m.group(2), int(m.group(3)) if m.group(3) else None) if m.group(2)
+                       else (m.group(1), None, None))
+        return out
+    if default is None:
+        raise ConfigError(f"{BASE_CONFIG.name} declares {dotted}: null without an expected type; add it to "
+                          "TYPES in gains/config.py")
+    if isinstance(default, list):
+        kinds = {_scalar_kind(v) for v in default}
+        if kinds == {"int", "float"}:
+            kinds = {"float"}
+        return [("list", kinds.pop() if len(kinds) == 1 and None not in kinds else None, None)]
+    return [(_scalar_kind(default), None, None)]
+
+
+def _describe(forms: list[tuple]) -> str:
+    parts = []
+    for kind, elem, n in forms:
+        if kind != "list":
+            parts.append(_NAMES.get(kind, kind))
+        else:
+            what = _PLURAL[elem] if elem else "values"
+            parts.append(f"a list of {n} {what}" if n is not None else f"a list of {what}")
+    return " or ".join(parts)
+
+
+def _fits(value: Any, kind: str) -> tuple[bool, Any]:
+    """(does `value` fit the scalar `kind`, the value to store)."""
+    actual = _scalar_kind(value)
+    if kind == "float":
+        finite = actual == "float" and math.isfinite(value) or actual == "int" and abs(value) < 1e300
+        return finite, value
+    if kind == "str" and actual in ("int", "float"):  # `output_dir=2024`: YAML made it a number
+        return True, str(value)
+    return actual == kind, value
+
+
+def check_value(dotted: str, value: Any, default: Any, source: str) -> Any:
+    """`value` (possibly a number turned into text for a str key) if it has the type base.yaml declares for
+    `dotted` (module docstring, TYPES); else ConfigError naming the key, the value and the expected type."""
+    forms = _forms_of(dotted, default)
+    for kind, elem, n in forms:
+        if kind != "list":
+            ok, stored = _fits(value, kind)
+            if ok:
+                return stored
+        elif isinstance(value, list) and (n is None or len(value) == n):
+            if elem is None:
+                return value
+            fitted = [_fits(v, elem) for v in value]
+            if all(ok for ok, _ in fitted):
+                return [v for _, v in fitted]
+    example = "" if default is None else f" (e.g. {yaml.safe_dump(default, default_flow_style=True).strip()})"
+    example = example.replace("\n...", "")
+    raise ConfigError(f"{source}: {dotted}={value!r} is not {_describe(forms)}{example}")
 
 
 class Config(dict):
@@ -94,6 +201,8 @@ def _merge_into(dst: dict, src: dict, source: str, schema: dict | None, prefix: 
         elif schema is not None and isinstance(sub_schema, dict) and not isinstance(value, dict):
             raise ConfigError(f"{source}: {dotted!r} is a section ({', '.join(sub_schema)}); "
                               f"set its keys, e.g. {dotted}.{next(iter(sub_schema))}=...")
+        elif schema is not None:
+            dst[key] = copy.deepcopy(check_value(dotted, value, sub_schema, source))
         else:
             dst[key] = copy.deepcopy(value)
 

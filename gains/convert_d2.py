@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from gains.backbone import RESNET_LAYERS, ResNetFPN
-from gains.checkpoint import CheckpointError, _names, make_checkpoint, save_checkpoint
+from gains.checkpoint import CheckpointError, _names, make_checkpoint, save_checkpoint, torch_load_safely
 from gains.rpn import AnchorGenerator
 
 NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -97,10 +97,12 @@ def read_foreign_weights(path: str | Path) -> tuple[dict, dict]:
         if path.suffix == ".pkl":
             with open(path, "rb") as f:
                 obj = _NumpyUnpickler(f, encoding="latin1").load()
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # one line of ours on any failure; never torch's advice to load unsafely
+            obj = torch_load_safely(path, "a detectron2 / MSRA checkpoint (.pth or .pkl)", "weights file")
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     meta = {}
     if isinstance(obj, dict):
         meta = {k: obj[k] for k in ("iteration", "__author__", "matching_heuristics") if k in obj}

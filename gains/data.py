@@ -67,7 +67,10 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        image = read_image(record.path, self.normalize)
+        try:
+            image = read_image(record.path, self.normalize)
+        except DataError as e:  # corrupt / truncated file: name the image id too (the message names the file)
+            raise DataError(f"image id {record.image_id}: {e}") from None
         if tuple(image.shape[-2:]) != (record.height, record.width):
             raise DataError(f"{record.path}: image id {record.image_id} is {tuple(image.shape[-2:])} but the "
                             f"json says {(record.height, record.width)}; fix the json's height/width")

@@ -31,7 +31,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from . import dist
-from .coco import CategoryMap, DataError, ImageRecord, segmentation_to_mask, segmentation_to_rle
+from .coco import (CategoryMap, DataError, ImageRecord, check_segmentation, is_finite_number, segmentation_to_mask,
+                   segmentation_to_rle)
 from .cto import stratified_metrics_images
 from .inference import encode_results, model_device, predict_dataset, shard_indices, write_json_atomic
 from .mask_runs import runs_from_rles
@@ -415,26 +416,53 @@ def _check_gt(gt: dict, where: str = "ground truth") -> tuple[dict, list[int], l
     return images, ids, [str(c.get("name", c["id"])) for c in cats]
 
 
-def _check_results(results, images: dict, cat_ids: list[int]) -> None:
+def _check_results(results, images: dict, cat_ids: list[int], where: str = "results") -> None:
+    """Validate a COCO results list; errors name `where` (the file), the image id and the fix."""
     if not isinstance(results, list):
-        raise EvaluationError("results must be a json list of {image_id, category_id, score, segmentation}")
+        raise EvaluationError(f"{where}: the top level is a {type(results).__name__}, not a list; COCO results "
+                              "are a json list of {image_id, category_id, score, segmentation} (as written by "
+                              "evaluate.py / detectron2's COCOEvaluator)")
     for n, r in enumerate(results):
         if not isinstance(r, dict) or not {"image_id", "category_id", "score", "segmentation"} <= set(r):
-            raise EvaluationError(f"result #{n} lacks image_id, category_id, score or segmentation; "
+            raise EvaluationError(f"{where}: result #{n} lacks image_id, category_id, score or segmentation; "
                                   "write COCO segm results (RLE masks)")
+        image_id = r["image_id"]
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            raise EvaluationError(f"{where}: result #{n} has image_id {image_id!r}; use the ground truth's "
+                                  "image ids")
+        if not isinstance(r["category_id"], (int, str)) or isinstance(r["category_id"], bool):
+            raise EvaluationError(f"{where}: a result for image id {image_id} has category_id "
+                                  f"{r['category_id']!r}; use the ground truth's json category ids")
+        score = r["score"]
+        if not is_finite_number(score):
+            raise EvaluationError(f"{where}: a result for image id {image_id} (category {r['category_id']}) "
+                                  f"has score {score!r}; scores must be finite numbers — fix or drop that "
+                                  "detection where the results are written")
+        if not isinstance(r["segmentation"], (dict, list)):
+            raise EvaluationError(f"{where}: a result for image id {image_id} has a "
+                                  f"{type(r['segmentation']).__name__} segmentation; write an RLE dict "
+                                  "{size: [H, W], counts: ...} (or polygons)")
+        box = r.get("bbox")
+        if box is not None and not (isinstance(box, list) and len(box) == 4
+                                    and all(is_finite_number(v) for v in box)):
+            raise EvaluationError(f"{where}: a result for image id {image_id} has bbox {box!r}; a bbox is 4 "
+                                  "finite numbers [x, y, width, height] (or leave it out)")
     bad = sorted({r["image_id"] for r in results} - set(images), key=str)
     if bad:
-        raise EvaluationError(f"results refer to image ids {bad[:20]} that are not in the ground truth; score "
-                              "them against the annotation file the predictions were made for")
+        raise EvaluationError(f"{where}: results refer to image ids {bad[:20]} that are not in the ground truth; "
+                              "score them against the annotation file the predictions were made for")
     bad = sorted({r["category_id"] for r in results} - set(cat_ids), key=str)
     if bad:
-        raise EvaluationError(f"results use category ids {bad[:20]} that the ground truth does not declare "
-                              f"({cat_ids[:20]}); write the dataset's json category ids, not contiguous labels")
+        raise EvaluationError(f"{where}: results use category ids {bad[:20]} that the ground truth does not "
+                              f"declare ({cat_ids[:20]}); write the dataset's json category ids, not contiguous "
+                              "labels")
 
 
 def _decode(segm, h: int, w: int, what: str) -> np.ndarray:
-    if isinstance(segm, dict) and [int(s) for s in segm.get("size", [])] != [h, w]:
-        raise EvaluationError(f"{what}: RLE size {segm.get('size')} differs from the image size {[h, w]}")
+    try:  # finite, in-image polygons and consistent RLE before pycocotools' C code sees them
+        check_segmentation(segm, h, w, what)
+    except DataError as e:
+        raise EvaluationError(str(e)) from None
     try:
         return segmentation_to_mask(segm, h, w)
     except Exception as e:  # noqa: BLE001 - pycocotools raises assorted types for malformed input
@@ -442,17 +470,18 @@ def _decode(segm, h: int, w: int, what: str) -> np.ndarray:
 
 
 def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", score_thresh: float | None = None,
-                     split: str = "results") -> dict:
+                     split: str = "results", gt_name: str = "ground truth", results_name: str = "results") -> dict:
     """Score a COCO results list against a COCO ground-truth dict (the `evaluate.py --gt --pred` mode).
 
     gt: COCO instances dict (annotation ids >= 1; 'area' drives the area ranges, the mask pixel count when
     absent). results: [{image_id, category_id (json id), score, segmentation RLE, optional bbox xywh}]; an
     empty list scores AP 0 / AJI 0 with a note. Box AP is computed when every result has a bbox.
     `score_thresh`: drop results below it first (None: score them all). Returns the `summarize` dict; mask
-    AP equals pycocotools COCOeval(iouType='segm') on the same files.
+    AP equals pycocotools COCOeval(iouType='segm') on the same files. `gt_name` / `results_name` (the files)
+    start the EvaluationError messages about either input.
     """
-    images, cat_ids, names = _check_gt(gt)
-    _check_results(results, images, cat_ids)
+    images, cat_ids, names = _check_gt(gt, gt_name)
+    _check_results(results, images, cat_ids, results_name)
     if score_thresh is not None:
         results = [r for r in results if r["score"] >= score_thresh]
     anns = {i: [] for i in images}
@@ -465,8 +494,10 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
     acc = MetricAccumulator()
     for n, image_id in enumerate(sorted(images)):
         h, w, ga, dr = int(images[image_id]["height"]), int(images[image_id]["width"]), anns[image_id], dets[image_id]
-        gm = np.array([_decode(a["segmentation"], h, w, f"annotation {a['id']}") for a in ga], np.uint8)
-        dm = np.array([_decode(r["segmentation"], h, w, f"a result for image {image_id}") for r in dr], bool)
+        gm = np.array([_decode(a["segmentation"], h, w, f"{gt_name}: annotation {a['id']} (image id {image_id})")
+                       for a in ga], np.uint8)
+        dm = np.array([_decode(r["segmentation"], h, w, f"{results_name}: a result for image id {image_id}")
+                       for r in dr], bool)
         gb = [a["bbox"] if "bbox" in a else mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m))).tolist()
               for a, m in zip(ga, gm)]
         acc.add({"image_id": n, "labels": [a["category_id"] for a in ga], "masks": gm.reshape(-1, h, w),

@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,7 +185,7 @@ class GAMapStore:
             return {}
         try:
             crops, size = load_compact(path)
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"{path}: unreadable GA map file of image {record.image_id} ({e}); delete it or "
                             "re-run preprocess.py with --overwrite") from None
         if size != (record.height, record.width):
@@ -199,7 +200,7 @@ class GAMapStore:
             return None
         try:
             array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise DataError(f"{path}: unreadable GA map for annotation {annotation_id} ({e}); delete it or "
                             "re-run preprocess.py with --overwrite") from None
         if array.shape != (record.height, record.width):
@@ -245,14 +246,46 @@ class GAMapStore:
         return out
 
     def missing(self, record: ImageRecord) -> list[int]:
-        """Annotation ids of `record` with no map on disk (in either layout)."""
+        """Annotation ids of `record` with no map on disk (in either layout).
+
+        Existing files are checked from their headers (no map is read): a compact `image_{id}.npz` whose
+        image_size differs from the record, or an authors' `{id}.npy` whose shape is not (H, W), raises
+        DataError naming the file (as reading it would) and saying to re-run with --overwrite; so does an
+        unreadable file. (With --overwrite, preprocess.py recomputes every map and never calls this.)"""
         ids = [a.id for a in record.annotations]
         path = self.image_path(record.image_id)
         have = set()
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                have = set(z["ann_ids"].tolist())
-        return [a for a in ids if a not in have and not self.path(a).is_file()]
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    have = set(z["ann_ids"].tolist())
+                    size = tuple(int(v) for v in z["image_size"])
+            except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: unreadable GA map file of image {record.image_id} "
+                                f"({type(e).__name__}: {e}); delete it or re-run preprocess.py with "
+                                "--overwrite") from None
+            if size != (record.height, record.width):
+                raise DataError(f"{path}: GA maps of image {record.image_id} are for a {size} image, but the "
+                                f"json says {(record.height, record.width)}; the maps belong to other data — "
+                                "re-run preprocess.py with --overwrite")
+        out = []
+        for a in ids:
+            if a in have:
+                continue
+            npy = self.path(a)
+            if not npy.is_file():
+                out.append(a)
+                continue
+            try:
+                shape = np.load(npy, mmap_mode="r", allow_pickle=False).shape  # header only
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{npy}: unreadable GA map for annotation {a} ({type(e).__name__}: {e}); "
+                                "delete it or re-run preprocess.py with --overwrite") from None
+            if shape != (record.height, record.width):
+                raise DataError(f"{npy}: GA map of annotation {a} is {shape}, but image {record.image_id} is "
+                                f"{(record.height, record.width)}; the maps belong to other data or "
+                                "parameters — re-run preprocess.py with --overwrite")
+        return out
 
     def write_image_maps(self, record: ImageRecord, overwrite: bool = False) -> dict[int, Crop]:
         """Compute the maps of one image and store them: compact = one file for the image (rewritten when

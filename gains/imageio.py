@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from struct import error as struct_error
+from zlib import error as zlib_error
 
 import numpy as np
 import torch
@@ -18,44 +20,81 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 NORMALIZATIONS = ("dtype", "percentile")
 
 
+_UNREADABLE_FIX = ("the file is corrupt or truncated (an interrupted copy or download?): copy it again from the "
+                   "source, or re-export it as PNG/TIFF")
+
+
+def _unreadable(path: Path, e: BaseException, what: str) -> "DataError":
+    from .coco import DataError  # local import: coco imports this module lazily too
+    reason = str(e).splitlines()[0][:200] if str(e) else ""
+    return DataError(f"{path}: cannot {what} ({type(e).__name__}{': ' + reason if reason else ''}); "
+                     f"{_UNREADABLE_FIX}")
+
+
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) from the file header, without decoding pixels."""
+    """(height, width) from the file header, without decoding pixels.
+
+    Raises DataError naming the file when the header cannot be read (not an image, corrupt)."""
     path = Path(path)
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-        with tifffile.TiffFile(path) as tif:
-            shape = tif.pages[0].shape
-        return _hw_from_shape(shape, path)
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.height, im.width
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages[0].shape
+            return _hw_from_shape(shape, path)
+        from PIL import Image
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct_error) as e:
+        if _is_data_error(e):
+            raise
+        raise _unreadable(path, e, "read the image header") from None
+
+
+def _is_data_error(e: BaseException) -> bool:
+    from .coco import DataError
+    return isinstance(e, DataError)
 
 
 def _hw_from_shape(shape: tuple, path: Path) -> tuple[int, int]:
+    from .coco import DataError
     if len(shape) == 2:
         return int(shape[0]), int(shape[1])
     if len(shape) == 3 and shape[-1] in (1, 3, 4):
         return int(shape[0]), int(shape[1])
     if len(shape) == 3 and shape[0] in (1, 3, 4):  # channel-first TIFF
         return int(shape[1]), int(shape[2])
-    raise ValueError(f"{path}: unsupported image shape {shape}; expected HxW, HxWxC or CxHxW with C in 1/3/4 "
-                     "(for stacks, save one 2-D image per file)")
+    raise DataError(f"{path}: unsupported image shape {shape}; expected HxW, HxWxC or CxHxW with C in 1/3/4 "
+                    "(for stacks, save one 2-D image per file)")
 
 
 def read_image_array(path: str | os.PathLike) -> np.ndarray:
-    """Decode to a numpy array [H,W] or [H,W,C] in the file's own dtype (uint8, uint16, float...)."""
+    """Decode to a numpy array [H,W] or [H,W,C] in the file's own dtype (uint8, uint16, float...).
+
+    Every pixel is decoded inside the try (PIL decodes lazily: `.load()` is explicit, and truncated files are
+    refused since ImageFile.LOAD_TRUNCATED_IMAGES stays False), so a corrupt or truncated file raises
+    DataError naming it instead of decoding as a partial image or a numpy object array."""
     path = Path(path)
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
-        array = tifffile.imread(path)
-        if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)
-    else:
-        from PIL import Image
-        with Image.open(path) as im:
-            if im.mode == "P":  # palette PNGs: expand to real colours
-                im = im.convert("RGB")
-            array = np.array(im)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            array = tifffile.imread(path)
+            if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+                array = np.moveaxis(array, 0, -1)
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                im.load()
+                if im.mode == "P":  # palette PNGs: expand to real colours
+                    im = im.convert("RGB")
+                array = np.array(im)
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct_error,
+            zlib_error) as e:
+        if _is_data_error(e):
+            raise
+        raise _unreadable(path, e, "decode the image") from None
+    if array.dtype == object:  # numpy's fallback when PIL's array interface failed
+        raise _unreadable(path, OSError("no pixel array"), "decode the image")
     _hw_from_shape(array.shape, path)
     return array
 

@@ -75,7 +75,7 @@ def test_cli_skips_finished_files_unless_overwrite(tmp_path, capsys):
     args = fixture_args("chrom_rods", tmp_path)
     preprocess.main(args)
     folder = tmp_path / "anomap_ws5_f0.5_ol0.3"
-    marker = np.full((2, 2), 7.0, np.float32)
+    marker = np.full(np.load(folder / "1.npy").shape, 7.0, np.float32)  # right shape (a wrong one is an error)
     np.save(folder / "1.npy", marker)
     capsys.readouterr()
     assert preprocess.main(args) == 0
@@ -86,7 +86,7 @@ def test_cli_skips_finished_files_unless_overwrite(tmp_path, capsys):
     assert "maps written: 1" in capsys.readouterr().out  # only the missing map is written
     assert np.array_equal(np.load(folder / "1.npy"), marker)  # ...but an existing file is not rewritten
     preprocess.main(args + ["--overwrite", "--dtype", "float16"])
-    assert np.load(folder / "1.npy").dtype == np.float16 and np.load(folder / "1.npy").shape != (2, 2)
+    assert np.load(folder / "1.npy").dtype == np.float16 and not (np.load(folder / "1.npy") == 7).all()
     assert not [p for p in folder.iterdir() if p.suffix != ".npy"]  # no temporary files left behind
 
 
