@@ -105,6 +105,7 @@ def write_visualizations(records, store, out_dir: Path, k: int) -> int:
 
 def run_gamm(args) -> int:
     from gains.coco import DataError, load_coco
+    from gains.ga_manifest import prepare_map_folder
     from gains.ga_store import GAMapStore, GammParams, fill_map_folder
 
     params = GammParams(args.variant, args.window_size, args.ga_factor, args.overlap_hl, args.target_category)
@@ -122,8 +123,10 @@ def run_gamm(args) -> int:
     store = GAMapStore(map_dir, params, on_the_fly=True, dtype=args.dtype, layout=args.layout)
     start = time.perf_counter()
     try:
+        # the folder's manifest: maps of other parameters are refused, maps of changed annotations redone
+        prepare_map_folder(store, records, overwrite=args.overwrite)
         summary = fill_map_folder(records, store, workers=args.workers, overwrite=args.overwrite)
-    except DataError as e:  # an existing map file that belongs to other data (GAMapStore.missing)
+    except DataError as e:  # maps that belong to other data or parameters (manifest, GAMapStore.missing)
         print(f"preprocess.py: error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .coco import CategoryMap, DataError, ImageRecord, load_coco, segmentation_to_mask
+from .ga_manifest import prepare_map_folder
 from .ga_store import GAMapStore, GammParams
 from .imageio import read_image
 from .instances import CropMasks
@@ -185,6 +186,7 @@ def build_dataset(cfg, split: str, is_train: bool) -> InstanceDataset:
     ga_store = None
     if is_train and uses_ga_maps(cfg):
         ga_store = build_ga_store(cfg, split_paths(cfg, "train")[1])
+        prepare_map_folder(ga_store, records)  # refuses maps of other parameters, drops stale ones
         if split != "train":
             warnings.warn(f"GA maps requested for split {split!r}; GAMM maps are defined for training data")
     return InstanceDataset(records, category_map, transform, ga_store, str(d.normalize),

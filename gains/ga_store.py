@@ -17,6 +17,7 @@ Maps are read as crops (`crops`, `sparse_maps`: memory O(support area)) or dense
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -138,6 +139,14 @@ def load_compact(path: Path) -> tuple[dict[int, Crop], tuple[int, int]]:
     return crops, size
 
 
+def _writable_folder(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
 class GAMapStore:
     """Serves per-annotation GA maps for records; computes and caches missing ones when `on_the_fly`.
 
@@ -158,26 +167,67 @@ class GAMapStore:
         self.layout = layout
         self._memory: dict[int, Crop] = {}
         self._writable: bool | None = None
+        self._cache: Path | None = None
+
+    def _folders(self) -> list[Path]:
+        return [self.map_dir] + ([self._cache] if self._cache is not None else [])
+
+    def _locate(self, name: str) -> Path:
+        """The existing file `name` in the map folder or the shared cache, else where it would be written."""
+        for folder in self._folders():
+            if (folder / name).is_file():
+                return folder / name
+        return self.write_dir / name
+
+    @property
+    def write_dir(self) -> Path:
+        """Where maps computed here are written: the map folder, or the shared cache when it is read-only."""
+        return self._cache if self._cache is not None else self.map_dir
 
     def path(self, annotation_id: int) -> Path:
         """The authors' layout file of an annotation."""
-        return self.map_dir / f"{annotation_id}.npy"
+        return self._locate(f"{annotation_id}.npy")
 
     def image_path(self, image_id: int) -> Path:
         """The compact layout file of an image."""
-        return self.map_dir / f"image_{image_id}.npz"
+        return self._locate(f"image_{image_id}.npz")
+
+    def cache_folder(self) -> Path:
+        """The shared cache used when the map folder is read-only: one folder per (map folder, parameters)
+        under the system's temporary directory, so every DataLoader worker (and the next run) reads the maps
+        another computed instead of keeping its own copy."""
+        key = hashlib.sha1(f"{self.map_dir.resolve()}|{sorted(asdict(self.params).items())}".encode()).hexdigest()
+        return Path(tempfile.gettempdir()) / "gains_ga_cache" / f"{self.map_dir.name}_{key[:12]}"
+
+    def writable(self) -> bool:
+        """Whether computed maps can go to disk (the map folder, else the shared cache); memory otherwise."""
+        return self._can_write()
 
     def _can_write(self) -> bool:
         if self._writable is None:
-            try:
-                self.map_dir.mkdir(parents=True, exist_ok=True)
-                self._writable = os.access(self.map_dir, os.W_OK)
-            except OSError:
-                self._writable = False
+            self._writable = _writable_folder(self.map_dir)
             if not self._writable:
-                warnings.warn(f"GA map folder {self.map_dir} is not writable; maps computed on the fly are "
-                              "kept in memory only. Set gamm.map_dir to a writable folder to cache them.")
+                cache = self.cache_folder()
+                if _writable_folder(cache):
+                    self._cache, self._writable = cache, True
+                    warnings.warn(f"GA map folder {self.map_dir} is not writable; maps computed on the fly are "
+                                  f"cached in {cache} (shared by DataLoader workers and later runs). Set "
+                                  "gamm.map_dir to a writable folder to keep them elsewhere.")
+                else:
+                    warnings.warn(f"GA map folder {self.map_dir} is not writable; maps computed on the fly "
+                                  "are kept in memory only. Set gamm.map_dir to a writable folder to cache them.")
         return self._writable
+
+    def remove_image_maps(self, record: ImageRecord) -> None:
+        """Delete the stored maps of an image (its compact file and its annotations' `{id}.npy`) from the
+        writable folder, so they are computed again; files in a read-only map folder are left alone."""
+        if not self._can_write():
+            return
+        names = [f"image_{record.image_id}.npz"] + [f"{a.id}.npy" for a in record.annotations]
+        for name in names:
+            (self.write_dir / name).unlink(missing_ok=True)
+        for a in record.annotations:
+            self._memory.pop(a.id, None)
 
     def _read_compact(self, record: ImageRecord) -> dict[int, Crop]:
         path = self.image_path(record.image_id)
@@ -296,13 +346,14 @@ class GAMapStore:
         if not self._can_write():
             self._memory.update(crops)
         elif self.layout == "compact":
-            path = self.image_path(record.image_id)
-            if overwrite or self.missing(record) or not path.is_file():
-                save_compact_atomic(path, crops, (record.height, record.width), self.params, self.dtype)
+            if overwrite or self.missing(record) or not self.image_path(record.image_id).is_file():
+                save_compact_atomic(self.write_dir / f"image_{record.image_id}.npz", crops,
+                                    (record.height, record.width), self.params, self.dtype)
         else:
             for a, c in crops.items():
                 if overwrite or not self.path(a).is_file():
-                    save_array_atomic(self.path(a), crop_to_dense(c, record.height, record.width, self.dtype))
+                    save_array_atomic(self.write_dir / f"{a}.npy",
+                                      crop_to_dense(c, record.height, record.width, self.dtype))
         return crops
 
 

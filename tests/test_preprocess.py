@@ -87,7 +87,7 @@ def test_cli_skips_finished_files_unless_overwrite(tmp_path, capsys):
     assert np.array_equal(np.load(folder / "1.npy"), marker)  # ...but an existing file is not rewritten
     preprocess.main(args + ["--overwrite", "--dtype", "float16"])
     assert np.load(folder / "1.npy").dtype == np.float16 and not (np.load(folder / "1.npy") == 7).all()
-    assert not [p for p in folder.iterdir() if p.suffix != ".npy"]  # no temporary files left behind
+    assert not [p for p in folder.iterdir() if p.suffix != ".npy" and p.name != "gamm_manifest.json"]  # no tmp files
 
 
 def test_cli_workers_and_visualize(tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_dataset_computes_maps_on_the_fly_and_caches_them(tmp_path):
     dataset = build_dataset(cfg, "train", is_train=True)
     image, target = dataset[0]
     folder = tmp_path / "train" / "anomap_ws5_f0.5_ol0.1"
-    assert sorted(p.name for p in folder.iterdir()) == ["image_1.npz"]  # the compact layout: one file
+    assert sorted(p.name for p in folder.iterdir()) == ["gamm_manifest.json", "image_1.npz"]  # compact: one file
     assert target["ga"].shape == target["masks"].shape == (2, 48, 56)
     ga = target["ga"].dense()
     assert ga.min() >= 1.0 and ga.max() > 1.05  # the overlap is marked
@@ -179,9 +179,68 @@ def test_dataset_without_on_the_fly_asks_for_preprocess(tmp_path):
 def test_unwritable_map_folder_keeps_maps_in_memory(tmp_path, monkeypatch):
     _overlap_set(tmp_path)
     cfg = load_config(None, [f"data.root={tmp_path}", "model.num_classes=1", "gamm.target_category_id=1"])
-    monkeypatch.setattr(os, "access", lambda *a, **k: False)
-    dataset = build_dataset(cfg, "train", is_train=True)
-    with pytest.warns(UserWarning, match="not writable"):
-        _, target = dataset[0]
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # no folder anywhere is writable
+    with pytest.warns(UserWarning, match="not writable; maps computed on the fly are kept in memory"):
+        dataset = build_dataset(cfg, "train", is_train=True)
+    _, target = dataset[0]
     assert target["ga"].dense().max() > 1.05
     assert not list((tmp_path / "train" / "anomap_ws5_f0.5_ol0.1").iterdir())
+
+
+def test_read_only_map_folder_shares_one_cache_across_workers(tmp_path, monkeypatch):
+    """A read-only map folder: maps go to one shared cache folder, so a DataLoader worker computes an image's
+    maps once and every other process (and the next run) reads them."""
+    _overlap_set(tmp_path)
+    maps = tmp_path / "train" / "anomap_ws5_f0.5_ol0.1"
+    maps.mkdir(parents=True)
+    import tempfile
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))  # workers fork: they see it too
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **k: False if Path(p) == maps else real_access(p, m, **k))
+    cfg = load_config(None, [f"data.root={tmp_path}", "model.num_classes=1", "gamm.target_category_id=1",
+                             "data.min_size_train=[48]", "data.hflip_prob=0.0"])
+    with pytest.warns(UserWarning, match="cached in"):
+        dataset = build_dataset(cfg, "train", is_train=True)
+    cache = dataset.ga_store.write_dir
+    assert cache != maps and str(cache).startswith(str(tmp_path / "tmp"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=lambda b: b)
+    first = next(iter(loader))[0][1]["ga"].dense()
+    assert sorted(p.name for p in cache.iterdir()) == ["gamm_manifest.json", "image_1.npz"]  # written by the worker
+    stamp = (cache / "image_1.npz").stat().st_mtime_ns
+    again = build_dataset(cfg, "train", is_train=True)[0][1]["ga"].dense()  # a new process-level store
+    assert torch.equal(first, again) and (cache / "image_1.npz").stat().st_mtime_ns == stamp  # read, not redone
+    assert not list(maps.iterdir())
+
+
+def test_manifest_refuses_other_parameters_and_redoes_changed_images(tmp_path):
+    from gains.coco import DataError
+
+    _overlap_set(tmp_path)
+    base = [f"data.root={tmp_path}", "model.num_classes=1", "gamm.target_category_id=1"]
+    cfg = load_config(None, base)
+    build_dataset(cfg, "train", is_train=True)[0]
+    folder = tmp_path / "train" / "anomap_ws5_f0.5_ol0.1"
+    manifest = json.loads((folder / "gamm_manifest.json").read_text())
+    assert manifest["params"]["variant"] == "isbi" and list(manifest["images"]) == ["1"]
+    # same folder name, other variant: refused, naming both
+    with pytest.raises(DataError, match="variant=isbi.*but this run asks for.*variant=chrom"):
+        build_dataset(load_config(None, base + ["gamm.variant=chrom"]), "train", is_train=True)
+    # an edited annotation: that image's maps are stale and computed again
+    stamp = (folder / "image_1.npz").stat().st_mtime_ns
+    data = json.loads((tmp_path / "train.json").read_text())
+    data["annotations"][0]["segmentation"] = [ellipse(22, 24, 10, 9)]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    dataset = build_dataset(cfg, "train", is_train=True)
+    assert not (folder / "image_1.npz").exists()  # removed at build time
+    dataset[0]
+    assert (folder / "image_1.npz").stat().st_mtime_ns != stamp
+    # with on-the-fly computation off, the stale image is named instead
+    data["annotations"][0]["segmentation"] = [ellipse(21, 24, 10, 9)]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotations of images \[1\] changed"):
+        build_dataset(load_config(None, base + ["gamm.on_the_fly=false"]), "train", is_train=True)
+    # preprocess.py --overwrite rebuilds the folder for new parameters
+    assert preprocess.main(["--json", str(tmp_path / "train.json"), "--images", str(tmp_path / "train"),
+                            "--variant", "chrom", "--window-size", "5", "--ga-factor", "0.5", "--overlap-hl",
+                            "0.1", "--target-category", "1", "--overwrite"]) == 0
+    assert json.loads((folder / "gamm_manifest.json").read_text())["params"]["variant"] == "chrom"
