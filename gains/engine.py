@@ -13,6 +13,14 @@ Reproducibility. Three random streams matter, and each is made a pure function o
 - everything else in the process (RPN/RoI sampling, dropout): seeded with seed + rank, and saved in the
   checkpoints so that `--resume` continues the same stream.
 With `deterministic: true` on CPU, a resumed run therefore ends with bitwise the same weights.
+
+The step on a GPU waits for nothing between log points: the losses are summed on the device (LossWindow)
+and read once per `solver.log_period`; the non-finite check runs there too (NonFiniteGuard: from the first
+non-finite loss on, the updates are skipped inside fused SGD / the GradScaler, and the run stops at the next
+log, checkpoint or evaluation point with the usual message, the weights being those before the bad step).
+On the CPU the check stays on the host every step (free there: no device to wait for), so CPU runs, their
+numerics and their tests are unchanged. Mixed precision (`solver.amp`): bf16 autocast where it is native
+(CPU, Ampere and later), fp16 with a GradScaler otherwise; box arithmetic and losses stay float32.
 """
 from __future__ import annotations
 
@@ -102,14 +110,177 @@ def check_solver(s) -> None:
         raise ConfigError("solver.eval_period and solver.warmup_iters must be >= 0")
     if list(s.steps) != sorted(s.steps):
         raise ConfigError(f"solver.steps must be increasing, got {list(s.steps)}")
+    parse_amp(s.amp)
+    for key in ("channels_last", "cudnn_benchmark"):
+        if not isinstance(s[key], bool):
+            raise ConfigError(f"solver.{key} must be true or false, got {s[key]!r}")
+
+
+# ----------------------------------------------------------------------------------------------- precision
+
+_AMP_VALUES = {False: "off", None: "off", "false": "off", "off": "off", "fp32": "off",
+               True: "auto", "true": "auto", "on": "auto",
+               "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+
+
+def parse_amp(value) -> str:
+    """`solver.amp` -> "off" | "auto" | "bf16" | "fp16" (false / true / bf16 / fp16; ConfigError otherwise)."""
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        key = {0: False, 1: True}.get(key, key)
+    if key not in _AMP_VALUES:
+        raise ConfigError(f"solver.amp must be false, true, bf16 or fp16, got {value!r}")
+    return _AMP_VALUES[key]
+
+
+@dataclass(frozen=True)
+class AmpMode:
+    """Resolved mixed precision: autocast dtype (None = off) and whether a GradScaler is needed (fp16)."""
+
+    dtype: torch.dtype | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def resolve_amp(value, device: torch.device) -> AmpMode:
+    """`solver.amp` on `device`: true = bf16 where it is native (CPU; CUDA GPUs of compute capability >= 8.0),
+    else fp16 with a GradScaler; bf16 / fp16 force that dtype (fp16 on a CPU works but is slow, bf16 on a GPU
+    without native bf16 is emulated). Box coordinates and every loss stay float32 in the model."""
+    mode = parse_amp(value)
+    if mode == "off":
+        return AmpMode(None)
+    native_bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported(
+        including_emulation=False))
+    if mode == "auto":
+        return AmpMode(torch.bfloat16 if native_bf16 else torch.float16)
+    if mode == "bf16" and not native_bf16:
+        warnings.warn(f"solver.amp=bf16: {device} has no native bfloat16; it is emulated (slow). Use "
+                      f"solver.amp=fp16 (or true, which picks fp16 + GradScaler there)")
+    if mode == "fp16" and device.type == "cpu":
+        warnings.warn("solver.amp=fp16 on the CPU is much slower than bf16 on most CPUs; use solver.amp=bf16")
+    return AmpMode(torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def autocast(amp: AmpMode, device: torch.device):
+    """The forward's autocast context for `amp` (a disabled one when AMP is off)."""
+    return torch.autocast(device_type=device.type, dtype=amp.dtype, enabled=amp.enabled)
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+# Non-finite check of the losses. True: on the device (no host<->device sync per step; see NonFiniteGuard),
+# False: on the host every step (the step raises before its backward), None: on the device for CUDA only. On
+# the CPU the host check costs nothing (there is no device to wait for) and keeps the old exact behaviour.
+DEVICE_GUARD: bool | None = None
+
+
+def use_device_guard(device: torch.device) -> bool:
+    return DEVICE_GUARD if DEVICE_GUARD is not None else device.type == "cuda"
+
+
+def backward_and_step(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler, params,
+                      clip_grad_norm: float = 0.0, skip: torch.Tensor | None = None) -> None:
+    """zero_grad, backward of `total` (scaled when the GradScaler is on), optional clipping, optimizer step.
+
+    skip: optional 0-dim bool tensor on the parameters' device; where True the update is not applied (weights
+    and momentum untouched) and the host never reads it: fused SGD takes it as `found_inf`, and with a
+    GradScaler one gradient is made NaN so that the scaler skips the step itself (fused SGD then skips on the
+    device too; a non-fused optimizer makes the scaler read its flag, one sync). Needs a fused optimizer when
+    the scaler is off (build_optimizer(..., fused=True)).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if skip is not None and scaler.is_enabled():
+        grad = next(p.grad for p in params if p.grad is not None)
+        grad.add_(torch.where(skip, float("nan"), 0.0))
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    if skip is None or scaler.is_enabled():
+        scaler.step(optimizer)
+    else:
+        if not all(g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("backward_and_step(skip=...) without a GradScaler needs a fused optimizer")
+        optimizer.grad_scale, optimizer.found_inf = None, skip.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    scaler.update()
+
+
+def prepare_fused_sgd(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After a resume (load_state_dict brings the checkpoint's `fused` flag back): use this run's choice, and
+    with fused SGD create zero momentum buffers up front. Its first step otherwise makes them with
+    `torch.empty_like` and fills them inside the kernel, which a skipped step (a NaN loss, or an fp16
+    overflow the GradScaler skips) never runs: garbage would enter the next update. A zero buffer gives the
+    same first update (momentum * 0 + g = g)."""
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
+        if not fused or group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class NonFiniteGuard:
+    """The non-finite loss check without a host<->device sync per step.
+
+    `update` tests each step's loss vector on the device and returns a sticky 0-dim flag that is True from
+    the first non-finite step on; given to `backward_and_step(skip=...)`, that step and every later one are
+    not applied, so no bad update reaches the weights although the host reads nothing. `raise_if_tripped`
+    reads the flag (one sync) at log, checkpoint and evaluation points and stops the run like the per-step
+    check: same message, naming the first bad iteration and its losses; nothing after it is saved. Under DDP
+    the flag is all-reduced every step (an asynchronous collective), so every rank skips the same steps.
+    """
+
+    def __init__(self, device: torch.device, all_ranks: bool | None = None):
+        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        self.first: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # names -> (iteration, losses)
+        self.all_ranks = dist.get_world_size() > 1 if all_ranks is None else all_ranks
+
+    def update(self, iteration: int, names: tuple, values: torch.Tensor) -> torch.Tensor:
+        bad = ~torch.isfinite(values).all()
+        if self.all_ranks:
+            flag = bad.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag > 0
+        new = bad & ~self.tripped
+        it, vals = self.first.get(names, (torch.full_like(self.tripped, -1, dtype=torch.int64), values))
+        self.first[names] = (torch.where(new, iteration, it), torch.where(new, values, vals))
+        self.tripped |= bad
+        return self.tripped
+
+    def raise_if_tripped(self, done: int, metrics: "MetricsLog", output_dir: Path) -> None:
+        if not bool(self.tripped):  # the one device->host read
+            return
+        found = [(int(it), names, vals) for names, (it, vals) in self.first.items() if int(it) >= 0]
+        iteration, names, vals = min(found, key=lambda f: f[0])
+        logged = dist.reduce_loss_dict(dict(zip(names, vals)))
+        note = (f" (noticed at iteration {done}: the updates of iterations {iteration}-{done} were skipped on "
+                f"the device, the weights are those after iteration {iteration - 1})") if done > iteration else ""
+        _stop_on_nonfinite(iteration, logged, metrics, output_dir, note)
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
+def build_optimizer(cfg, model: nn.Module, fused: bool = False) -> torch.optim.SGD:
     """SGD with momentum; norm layers' affine parameters get `solver.weight_decay_norm` (detectron2's
     split: decaying a GroupNorm/BatchNorm scale towards 0 fights the normalisation). Frozen parameters
-    (requires_grad False) are not handed to the optimizer."""
+    (requires_grad False) are not handed to the optimizer. fused: one fused kernel per step, which can
+    also skip a step on the device (GradScaler's / NonFiniteGuard's flag) without a host sync."""
     s = cfg.solver
     norm_params, other_params, seen = [], [], set()
     for module in model.modules():
@@ -121,7 +292,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
     groups = [{"params": other_params, "weight_decay": float(s.weight_decay)}]
     if norm_params:
         groups.append({"params": norm_params, "weight_decay": float(s.weight_decay_norm)})
-    return torch.optim.SGD(groups, lr=float(s.base_lr), momentum=float(s.momentum))
+    return torch.optim.SGD(groups, lr=float(s.base_lr), momentum=float(s.momentum), fused=True if fused else None)
 
 
 def lr_factor(iteration: int, *, warmup_iters: int, warmup_factor: float, steps, gamma: float) -> float:
@@ -168,12 +339,14 @@ def build_lr_scheduler(cfg, optimizer) -> WarmupMultiStepLR:
                              steps=s.steps, gamma=s.gamma)
 
 
-def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device):
+def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device, move_targets: bool = True):
     """Copies of a batch on `device` (tensors and SparseMaps in targets move; ints and tuples stay); inputs
-    untouched."""
+    untouched. move_targets=False leaves the targets where they are, for a model that takes them from the
+    host itself (`takes_host_targets`: it validates them there without a device sync)."""
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, SparseMaps)) else v
-                for k, v in t.items()} for t in targets]
+    if move_targets:
+        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, SparseMaps)) else v
+                    for k, v in t.items()} for t in targets]
     return images, targets
 
 
@@ -235,6 +408,31 @@ class WindowMeter:
         means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
         self.sums, self.count = {}, 0
         return means
+
+
+class LossWindow:
+    """Sums of the loss vectors since the last log line, kept where the losses were computed: on a GPU there
+    is no device->host copy per step; `pop_means` reads them once (averaged over ranks, like the losses of a
+    global batch)."""
+
+    def __init__(self):
+        self.sums: dict[tuple, torch.Tensor] = {}
+        self.counts: dict[tuple, int] = {}
+
+    def update(self, names: tuple, values: torch.Tensor) -> None:
+        values = values.detach().double()
+        self.sums[names] = self.sums[names] + values if names in self.sums else values
+        self.counts[names] = self.counts.get(names, 0) + 1
+
+    def pop_means(self) -> dict[str, float]:
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for names, vec in self.sums.items():
+            for k, v in zip(names, vec):
+                sums[k] = sums[k] + v if k in sums else v
+                counts[k] = counts.get(k, 0) + self.counts[names]
+        self.sums, self.counts = {}, {}
+        return dist.reduce_loss_dict({k: sums[k] / counts[k] for k in sums})
 
 
 def _format_eta(seconds: float) -> str:
@@ -360,12 +558,17 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
         collate_fn = collate_fn or default_collate
     category_map = dataset.category_map.to_dict() if hasattr(dataset, "category_map") else None
     model.to(device).train()
-    optimizer = build_optimizer(cfg, model)
+    if s.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights NHWC; activations follow them
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
+    amp = resolve_amp(s.amp, device)
+    device_guard = use_device_guard(device)  # True on CUDA: no host<->device sync per step (NonFiniteGuard)
+    optimizer = build_optimizer(cfg, model, fused=device_guard)
     scheduler = build_lr_scheduler(cfg, optimizer)
-    use_amp = bool(s.amp) and device.type == "cuda"
-    if s.amp and not use_amp:
-        logger.info("solver.amp is ignored on %s (mixed precision is CUDA-only here)", device.type)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.use_scaler)
+    logger.info("precision %s%s%s", amp.name, " + GradScaler" if amp.use_scaler else "",
+                ", channels_last" if s.channels_last else "")
 
     # ---- resume or fresh start
     start_iter = 0
@@ -390,6 +593,7 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
             (output_dir / "last_checkpoint").unlink()
         if cfg.init_weights:
             load_weights_for_finetune(model, cfg.init_weights)
+    prepare_fused_sgd(optimizer, fused=device_guard)
     dist.barrier()  # nobody trains before rank 0 has dealt with the output folder
 
     if info.world_size > 1:
@@ -401,6 +605,7 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
                                 world_size=info.world_size, start_iter=start_iter,
                                 num_workers=int(cfg.data.num_workers), collate_fn=collate_fn or list_collate,
                                 pin_memory=device.type == "cuda")
+    host_targets = bool(getattr(unwrap_model(model), "takes_host_targets", False))
     metrics = MetricsLog(output_dir / "metrics.jsonl", start_iter, enabled=main)
     max_iter = int(s.max_iter)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -412,50 +617,62 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
     logger.info("training %d -> %d iterations, %d image(s) per step on %d process(es), device %s",
                 start_iter, max_iter, int(s.ims_per_batch), info.world_size, device)
     progress_ctx, progress = _progress_bar(start_iter, max_iter, enabled=main and sys.stderr.isatty())
-    meter = WindowMeter()
+    meter, window = WindowMeter(), LossWindow()  # host timings; losses summed on the device
+    guard = NonFiniteGuard(device) if device_guard else None
     dropped_fragments = 0  # instances cut by data.crop_size below data.crop_min_area, per log period
     with progress_ctx:
         data_iter = iter(loader)
         for it in range(start_iter, max_iter):
-            # ---- one step: load, forward, reduce for logging, check, backward, update
+            # ---- one step: load, forward, check, backward, update. With the device guard (CUDA) nothing here
+            # waits for the device: the losses stay there until the next log point.
             t_start = time.perf_counter()
-            images, targets = to_device(*next(data_iter), device)
+            images, targets = next(data_iter)
             dropped_fragments += sum(int(t.get("dropped_fragments", 0)) for t in targets)
+            images, targets = to_device(images, targets, device, move_targets=not host_targets)
             t_data = time.perf_counter() - t_start
-            with torch.autocast(device_type=device.type, enabled=use_amp):
+            with autocast(amp, device):
                 loss_dict = model(images, targets)
+            names = tuple(sorted(loss_dict))
+            values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
             total = sum(loss_dict.values())
-            logged = dist.reduce_loss_dict(loss_dict)  # mean over ranks: all ranks see the same values
-            if not all(math.isfinite(v) for v in logged.values()):
-                _stop_on_nonfinite(it + 1, logged, metrics, output_dir)
+            if guard is None:  # host check every step: stop before the backward of a bad step
+                logged = dist.reduce_loss_dict(dict(zip(names, values)))  # mean over ranks: same decision
+                if not all(math.isfinite(v) for v in logged.values()):
+                    _stop_on_nonfinite(it + 1, logged, metrics, output_dir)
+                skip = None
+            else:  # device check: the update of a bad step (and of every later one) is skipped there
+                skip = guard.update(it + 1, names, values)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            if s.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, float(s.clip_grad_norm))
-            scaler.step(optimizer)
-            scaler.update()
+            backward_and_step(total, optimizer, scaler, params, float(s.clip_grad_norm), skip)
             scheduler.step()
             done = it + 1
 
-            # ---- bookkeeping: log, checkpoint, evaluate
-            t_iter = time.perf_counter() - t_start
-            meter.update({**logged, "total_loss": sum(logged.values()), "time": t_iter, "data_time": t_data})
+            # ---- bookkeeping: check, log, checkpoint, evaluate
+            window.update(names + ("total_loss",), torch.cat([values, values.sum().reshape(1)]))
+            meter.update({"time": time.perf_counter() - t_start, "data_time": t_data})
             progress.update(1)
-            if done % int(s.log_period) == 0 or done == max_iter:
+            log_now = done % int(s.log_period) == 0 or done == max_iter
+            save_now = done % int(s.checkpoint_period) == 0 and done < max_iter
+            eval_now = int(s.eval_period) > 0 and done % int(s.eval_period) == 0
+            if guard is not None and (log_now or save_now or eval_now):
+                guard.raise_if_tripped(done, metrics, output_dir)
+            if log_now:
+                count, t_sync = meter.count, time.perf_counter()
+                losses = window.pop_means()  # waits for the device: its time is part of the window's steps
                 means = meter.pop_means()
-                record = {"iter": done, **means, "lr": lr, "eta_seconds": means["time"] * (max_iter - done)}
+                means["time"] += (time.perf_counter() - t_sync) / max(count, 1)
+                record = {"iter": done, **losses, **means, "lr": lr,
+                          "eta_seconds": means["time"] * (max_iter - done)}
                 if cfg.data.crop_size:
                     record["dropped_fragments"], dropped_fragments = dropped_fragments, 0
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 metrics.write(record)
                 _log_line(record, max_iter, progress)
-            if done % int(s.checkpoint_period) == 0 and done < max_iter:
+            if save_now:
                 _save(f"model_{done:07d}.pth", output_dir, model, optimizer, scheduler, scaler, done, cfg,
                       category_map)
-            if int(s.eval_period) > 0 and done % int(s.eval_period) == 0:
+            if eval_now:
                 results = run_evaluation(model, cfg, "val", output_dir / f"eval_{done:07d}")
                 if results is not None:
                     metrics.write({"iter": done, "split": "val", "eval": results})
@@ -471,7 +688,8 @@ def _train(cfg, resume, model, dataset, collate_fn, info, images_per_rank, devic
     return TrainResult(final, max_iter, eval_results)
 
 
-def _stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: MetricsLog, output_dir: Path):
+def _stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: MetricsLog, output_dir: Path,
+                       note: str = ""):
     """Stop before the bad step touches the weights; the last checkpoint on disk stays the newest."""
     bad = [k for k, v in logged.items() if not math.isfinite(v)]
     metrics.write({"iter": iteration, "error": "non-finite loss", **logged})
@@ -479,7 +697,7 @@ def _stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: Metric
     raise FloatingPointError(
         f"non-finite loss at iteration {iteration}: {', '.join(bad)} "
         f"({', '.join(f'{k}={v:.4g}' for k, v in logged.items())}); training stopped without saving this "
-        f"step. Last good checkpoint: {last if last else 'none yet'} (continue with --resume after lowering "
+        f"step{note}. Last good checkpoint: {last if last else 'none yet'} (continue with --resume after lowering "
         f"solver.base_lr or enabling solver.clip_grad_norm)")
 
 

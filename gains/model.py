@@ -19,6 +19,7 @@ from gains.alrm import ALRM
 from gains.backbone import ResNetFPN
 from gains.roi_heads import RoIHeads
 from gains.rpn import RPN
+from gains.sparse_maps import SparseMaps
 
 MODES = {  # mode -> (GA-weighted mask BCE, anomaly branch)
     "mask_rcnn": (False, False),
@@ -40,7 +41,13 @@ class GAInS(nn.Module):
     images: list of float32 [3,H,W] RGB in [0,1] (already resized; sizes may differ). targets: list of dicts
     with `boxes` float32 [N,4] xyxy pixels, `labels` int64 [N] in 1..K, `masks` uint8 [N,H,W], `ga` float32
     [N,H,W] (reweight_only, branch_only, gains) and `image_id`. Inputs are never modified.
+
+    Targets may stay on the CPU when the model is on a GPU (`takes_host_targets`; the engine leaves them
+    there): they are validated on the host, where reading them costs no device sync, and copied to the
+    device non-blocking; SparseMaps stay on the CPU, where their RoI crops are computed (roi_heads).
     """
+
+    takes_host_targets = True
 
     def __init__(self, backbone: ResNetFPN, rpn: RPN, roi_heads: RoIHeads, pixel_mean, pixel_std,
                  input_format: str = "BGR", size_divisibility: int = 32, needs_ga: bool = False):
@@ -101,7 +108,8 @@ class GAInS(nn.Module):
                 if tuple(t[k].shape) != (n, h, w):
                     raise ValueError(f"{name}: target {k!r} has shape {tuple(t[k].shape)}, expected {(n, h, w)} "
                                      "(one map per box at the image's size)")
-            new = {k: t[k].to(device) for k in keys}
+            # SparseMaps stay where they are (their patches are cropped there); tensors go to the device
+            new = {k: t[k] if isinstance(t[k], SparseMaps) else t[k].to(device, non_blocking=True) for k in keys}
             new["boxes"] = new["boxes"].to(torch.float32)
             if "ga" in new:
                 new["ga"] = new["ga"].to(torch.float32)

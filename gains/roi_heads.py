@@ -212,6 +212,43 @@ def crop_per_gt(maps: Tensor, boxes: Tensor, gt_index: Tensor, size: int) -> Ten
     return aligned_roi_align(maps[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0)[:, 0]
 
 
+class _TargetCrops:
+    """crop_per_gt of each image's target maps at its foreground RoIs, concatenated on the RoIs' device.
+
+    SparseMaps kept on the CPU (the model leaves them there) while the RoIs are on a GPU are cropped on the
+    CPU, from one host copy of all RoIs made on first need (one device sync per batch; cropping per ground
+    truth on the GPU reads each GT's RoI extent back, two syncs per instance, and moving the patches there
+    costs a copy per instance), and their crops go to the device in one copy. Maps on the RoIs' device
+    (dense targets, or everything on the CPU) are cropped there, as before.
+    """
+
+    def __init__(self, boxes: list[Tensor], gt_index: list[Tensor], size: int):
+        self.boxes, self.gt_index, self.size = boxes, gt_index, size
+        self.device = boxes[0].device
+        self._host = None
+
+    def _host_rois(self, i: int) -> tuple[Tensor, Tensor]:
+        if self._host is None:
+            rows = torch.cat([torch.cat([b, g[:, None].to(b.dtype)], 1) for b, g in zip(self.boxes, self.gt_index)])
+            rows = rows.cpu().split([len(b) for b in self.boxes])  # GT indices < 2**24: exact in float32
+            self._host = [(r[:, :4], r[:, 4].to(torch.int64)) for r in rows]
+        return self._host[i]
+
+    def __call__(self, maps: list, post=None) -> Tensor:
+        parts = []
+        for i, (m, b, g) in enumerate(zip(maps, self.boxes, self.gt_index)):
+            if isinstance(m, SparseMaps) and m.device != self.device:
+                b, g = self._host_rois(i)
+            c = crop_per_gt(m, b, g, self.size)
+            parts.append(post(c) if post is not None else c)
+        if all(c.device == self.device for c in parts):
+            return torch.cat(parts)
+        out = torch.cat([c.cpu() for c in parts])
+        if self.device.type == "cuda":
+            out = out.pin_memory()  # page-locked: the copy below does not wait for the GPU
+        return out.to(self.device, non_blocking=True)
+
+
 class RoIHeads(nn.Module):
     """Box head + mask head (+ optional ALRM anomaly branch from alrm.py).
 
@@ -295,11 +332,10 @@ class RoIHeads(nn.Module):
         with torch.no_grad():
             # >= 0.5 in exact arithmetic: a sample exactly between an inside and an outside pixel is a
             # tie that float rounding of its position (1e-5 px) must not decide, so dense and sparse agree
-            mask_targets = torch.cat([(crop_per_gt(t["masks"], b, g, self.mask_size) >= MASK_TIE).to(b.dtype)
-                                      for b, g, t in zip(fg_boxes, fg_gt, targets)])
+            crops = _TargetCrops(fg_boxes, fg_gt, self.mask_size)
+            mask_targets = crops([t["masks"] for t in targets], lambda c: (c >= MASK_TIE).to(c.dtype))
             need_ga = self.use_ga_weights or self.alrm is not None
-            ga = torch.cat([crop_per_gt(t["ga"], b, g, self.mask_size)
-                            for b, g, t in zip(fg_boxes, fg_gt, targets)]) if need_ga else None
+            ga = crops([t["ga"] for t in targets]) if need_ga else None
         weights = ga if self.use_ga_weights else None
         losses["loss_mask"] = self.mask_loss_weight * mask_loss(mask_logits, fg_labels, mask_targets, weights)
         if self.alrm is not None:

@@ -160,15 +160,15 @@ class RPN(nn.Module):
                 continue
             idx = self.matcher(box_iou(boxes, anchors))
             lab = (idx >= 0).to(torch.int64)  # foreground 1, below-low 0 ...
-            lab[idx == Matcher.BETWEEN_THRESHOLDS] = -1  # ... and ignored anchors -1
+            lab.masked_fill_(idx == Matcher.BETWEEN_THRESHOLDS, -1)  # ... and ignored anchors -1
             matched_labels.append(lab)
             targets.append((boxes, idx))
         pos_masks, neg_masks = self.sampler(matched_labels)
         labels, target_deltas = [], []
         for pos, neg, tgt in zip(pos_masks, neg_masks, targets):
             lab = torch.full_like(pos, -1, dtype=torch.int64)
-            lab[neg.bool()] = 0
-            lab[pos.bool()] = 1
+            lab.masked_fill_(neg.bool(), 0)  # masked_fill_: no nonzero() (a device sync) as lab[mask] = v may do
+            lab.masked_fill_(pos.bool(), 1)
             labels.append(lab)
             if tgt is not None:
                 p = torch.where(pos.bool())[0]
@@ -197,15 +197,15 @@ class RPN(nn.Module):
         for i, (h, w) in enumerate(image_sizes):
             boxes, scores, lvl = boxes_all[i], scores_all[i], levels
             finite = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
-            if not bool(finite.all()):
-                if self.training:
-                    raise FloatingPointError("non-finite RPN proposals in training: the loss has diverged "
-                                             "(lower solver.base_lr or enable solver.clip_grad_norm)")
-                boxes, scores, lvl = boxes[finite], scores[finite], lvl[finite]
+            # On the CPU reading the flag is free; on a GPU it would be a sync per image, so there non-finite
+            # proposals are just dropped (as at test time) and the engine's non-finite loss check stops the run.
+            if self.training and boxes.device.type == "cpu" and not bool(finite.all()):
+                raise FloatingPointError("non-finite RPN proposals in training: the loss has diverged "
+                                         "(lower solver.base_lr or enable solver.clip_grad_norm)")
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
                                  boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
-            keep = ((boxes[:, 2] - boxes[:, 0]) > self.min_box_size) & \
-                   ((boxes[:, 3] - boxes[:, 1]) > self.min_box_size)
+            keep = finite & ((boxes[:, 2] - boxes[:, 0]) > self.min_box_size) & \
+                ((boxes[:, 3] - boxes[:, 1]) > self.min_box_size)  # one selection: non-finite and empty out
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[:post_k]
             out.append(boxes[keep])

@@ -93,10 +93,15 @@ def build_train_loader(dataset: Dataset, *, images_per_rank: int, seed: int, ran
                        start_iter: int, num_workers: int, collate_fn: Callable = list_collate,
                        pin_memory: bool = False) -> DataLoader:
     """Endless DataLoader of (list of images, list of targets), `images_per_rank` per batch, starting at
-    iteration `start_iter` of the global stream (see TrainingSampler)."""
+    iteration `start_iter` of the global stream (see TrainingSampler).
+
+    With workers, they are persistent: kept alive by the loader, not restarted by a new `iter(loader)`
+    (training takes one endless iterator; a resume builds a new loader, and each sample's augmentation
+    depends only on its stream position, so neither changes what is loaded). pin_memory: page-locked
+    batches (CUDA), so the non_blocking copies to the GPU are asynchronous."""
     sampler = TrainingSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
                               start=start_iter * images_per_rank * world_size)
     generator = torch.Generator().manual_seed(seed + rank)  # worker base seeds; never the global RNG
     return DataLoader(SeededSamples(dataset, seed), batch_size=images_per_rank, sampler=sampler,
                       num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=_seed_worker,
-                      generator=generator, pin_memory=pin_memory)
+                      generator=generator, pin_memory=pin_memory, persistent_workers=num_workers > 0)
