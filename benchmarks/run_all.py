@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Every peer comparison of the project in one command, printed as markdown (paste it into README):
 
-    python benchmarks/run_all.py [--quick] [--out benchmarks/RESULTS.md]
+    python benchmarks/run_all.py [--quick] [--scale] [--out benchmarks/RESULTS.md]
 
 1. GAMM vs the slow loop oracle and the authors' recorded times  (bench_gamm.py)
 2. the model vs torchvision's Mask R-CNN: train step, inference, peak memory  (bench_model.py)
 3. native mask AP vs pycocotools' COCOeval, identical numbers  (bench_metrics.py)
 4. data loading with GA maps from disk vs computed on the fly vs none  (bench_data.py)
+5. with --scale: training memory vs instance count, GA map disk layouts, tiled prediction of a 4096^2
+   field (bench_scale.py; 15-25 more minutes, data and a small trained model cached in /tmp/gains_bench_scale)
 
 Each script runs in its own process, one after the other, so they never compete for the cores. About
 8-12 minutes on 2 CPU cores (`--quick`: about 3).
@@ -33,6 +35,7 @@ BENCHMARKS = [
     ("Mask AP vs pycocotools", "bench_metrics.py", ["--threads", "1"], ["--threads", "1", "--images", "20", "--repeat", "1"]),
     ("Data loading", "bench_data.py", ["--images", "48"], ["--images", "12"]),
 ]
+SCALE = ("Scale: sparse targets, GA map layouts, tiled prediction", "bench_scale.py", [], ["--quick"])
 
 
 def machine() -> str:
@@ -52,14 +55,15 @@ def machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
+    parser.add_argument("--scale", action="store_true", help="also run bench_scale.py (15-25 minutes more)")
     parser.add_argument("--out", type=Path, help="also write the markdown to this file")
     args = parser.parse_args(argv)
 
-    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + (" --scale" if args.scale else "")
     parts = [f"## Benchmarks ({datetime.date.today().isoformat()})\n",
              f"Machine: {machine()}. Command: `{command}`.\n"]
     failed = 0
-    for title, script, full, quick in BENCHMARKS:
+    for title, script, full, quick in BENCHMARKS + ([SCALE] if args.scale else []):
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full)],
                               capture_output=True, text=True, cwd=HERE.parent)

@@ -103,6 +103,39 @@ def rpn_losses(logits: Tensor, deltas: Tensor, labels: Tensor, target_deltas: Te
     return {"loss_rpn_cls": loss_cls / normalizer, "loss_rpn_loc": loss_loc / normalizer}
 
 
+MATCH_CHUNK_PAIRS = 1 << 23  # GT x anchor IoU pairs per chunk: box_iou holds ~36 bytes per pair (~300 MB)
+
+
+def match_anchors(gt_boxes: Tensor, anchors: Tensor, matcher: Matcher,
+                  chunk_pairs: int = MATCH_CHUNK_PAIRS) -> Tensor:
+    """`matcher(box_iou(gt_boxes, anchors))` computed over chunks of ground-truth boxes, so memory is
+    O(chunk x anchors) instead of O(N x anchors): 800 nuclei on a 1024^2 image are 800 x 261,888 pairs,
+    7 GB as one IoU matrix. Same result, ties included: the best GT of an anchor is the first one with the
+    maximal IoU (later chunks replace it only when strictly better) and low-quality matches are every anchor
+    reaching its GT's maximal IoU. gt_boxes [N, 4], anchors [A, 4] xyxy -> int64 [A] (GT index, or
+    Matcher.BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS)."""
+    step = max(1, chunk_pairs // max(len(anchors), 1))
+    if len(gt_boxes) <= step:
+        return matcher(box_iou(gt_boxes, anchors))
+    best = torch.full((len(anchors),), -1.0, dtype=torch.float32, device=anchors.device)
+    best_gt = torch.zeros(len(anchors), dtype=torch.int64, device=anchors.device)
+    low_quality = torch.zeros(len(anchors), dtype=torch.bool, device=anchors.device)
+    for start in range(0, len(gt_boxes), step):
+        iou = box_iou(gt_boxes[start:start + step], anchors)  # [n, A]
+        value, index = iou.max(dim=0)
+        better = value > best
+        best = torch.where(better, value, best)
+        best_gt = torch.where(better, index + start, best_gt)
+        low_quality |= (iou == iou.max(dim=1, keepdim=True).values).any(dim=0)  # set_low_quality_matches_
+        del iou
+    matches = best_gt.clone()
+    matches[best < matcher.low_threshold] = Matcher.BELOW_LOW_THRESHOLD
+    matches[(best >= matcher.low_threshold) & (best < matcher.high_threshold)] = Matcher.BETWEEN_THRESHOLDS
+    if matcher.allow_low_quality_matches:
+        matches[low_quality] = best_gt[low_quality]
+    return matches
+
+
 class RPN(nn.Module):
     """Anchors + head + proposal selection + (training) losses.
 
@@ -158,7 +191,7 @@ class RPN(nn.Module):
                 matched_labels.append(torch.zeros(len(anchors), dtype=torch.int64, device=anchors.device))
                 targets.append(None)
                 continue
-            idx = self.matcher(box_iou(boxes, anchors))
+            idx = match_anchors(boxes, anchors, self.matcher)
             lab = (idx >= 0).to(torch.int64)  # foreground 1, below-low 0 ...
             lab.masked_fill_(idx == Matcher.BETWEEN_THRESHOLDS, -1)  # ... and ignored anchors -1
             matched_labels.append(lab)

@@ -412,3 +412,26 @@ def test_threaded_roi_align_matches_torchvision():
     ref = roi_align(feat, rois, (7, 7), 0.25, 0, aligned=True)
     (g_ref,) = torch.autograd.grad(ref, feat, grad)
     assert torch.equal(got, ref) and torch.allclose(g_got, g_ref, atol=1e-5)
+
+
+def test_chunked_anchor_matching_equals_the_matcher_on_the_whole_iou_matrix():
+    """rpn.match_anchors (memory O(chunk x anchors)) == torchvision's Matcher on box_iou(all GT, anchors),
+    ties included (duplicate GT boxes across chunks, integer boxes)."""
+    from torchvision.models.detection._utils import Matcher
+    from torchvision.ops import box_iou
+
+    from gains.rpn import match_anchors
+    g = torch.Generator().manual_seed(0)
+    matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)
+
+    def boxes(k):
+        xy = torch.randint(0, 30, (k, 2), generator=g).float()
+        return torch.cat([xy, xy + torch.randint(1, 15, (k, 2), generator=g).float()], 1)
+
+    for trial in range(200):
+        n, a = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+        gt, anchors = boxes(n), boxes(a)
+        if trial % 3 == 0:
+            gt[n // 2:] = gt[:n - n // 2].clone()
+        chunk = a * int(torch.randint(1, 5, (1,), generator=g))  # 1..4 GT boxes per chunk
+        assert torch.equal(match_anchors(gt, anchors, matcher, chunk_pairs=chunk), matcher(box_iou(gt, anchors)))
