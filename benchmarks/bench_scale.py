@@ -270,7 +270,8 @@ def _estimate_mib(path: str, n: int, size: int, measured: dict) -> float:
 
 def child_box_iou(spec: dict) -> dict:
     """Peak RSS growth of torchvision.ops.box_iou(N GT boxes, all anchors of the image): how the RPN's
-    anchor labelling (gains.rpn._label_anchors, and torchvision's) scales with N."""
+    anchor labelling would scale with N if it built the whole IoU matrix (torchvision's does; gains.rpn
+    `match_anchors` works on chunks of GT boxes)."""
     import torch
     from torchvision.ops import box_iou
 
@@ -388,9 +389,9 @@ def part1(args, work: Path) -> str:
         lines.append(f"RPN anchor labelling alone: torchvision.ops.box_iou({big} GT boxes, {anchors:,} anchors "
                      f"of a {size}^2 image) peaks at +{r['growth_mib']:,.0f} MiB "
                      f"({r['growth_mib'] * 2**20 / (big * anchors):.0f} bytes per GT-anchor pair: [N, A, 2] float32 "
-                     "corner/size tensors + [N, A] inter, union, IoU). gains.rpn._label_anchors and torchvision "
-                     "both compute it for all N x A pairs at once, so it is the same in every path and, at many "
-                     "instances, the largest part of the N-dependent memory.")
+                     "corner/size tensors + [N, A] inter, union, IoU). torchvision's RPN builds this whole matrix, "
+                     "the largest part of its N-dependent memory; gains.rpn.match_anchors matches the anchors "
+                     "in chunks of GT boxes (same matches, about 300 MB at most).")
     if lines:
         out += ["", *["- " + line for line in lines]]
     return "\n".join(out)
