@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 from gains import dist
+from gains.cli_errors import one_line
 from gains.checkpoint import CheckpointError
 from gains.coco import DataError
 from gains.config import ConfigError
@@ -104,16 +104,6 @@ def run_model(args) -> None:
     out = Path(args.out) if args.out else ckpt.parent / f"eval_{split}"
     if evaluate_model(model, cfg, split, out, vis=args.vis, expected_category_map=category_map):
         print(f"wrote {out}/metrics.json and {out}/results_{split}.json")
-
-
-def one_line(e: BaseException) -> str:
-    """Our error's message without the traceback text torch's DataLoader adds to errors from workers."""
-    text = str(e)
-    if "Original Traceback" in text:
-        found = re.findall(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)$", text, flags=re.M)
-        if found:
-            return found[-1]
-    return text
 
 
 def main(argv=None) -> int:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 
 from gains import dist
+from gains.cli_errors import one_line
 from gains.checkpoint import CheckpointError
 from gains.config import ConfigError, load_config
 
@@ -34,18 +34,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.overrides.insert(0, args.config)
         args.config = DEFAULT_CONFIG
     return args
-
-
-def one_line(e: BaseException) -> str:
-    """The message of one of our errors, without the traceback text that torch's DataLoader puts in front
-    of an exception re-raised from a worker process ("Caught DataError in DataLoader worker process 0.
-    Original Traceback ...")."""
-    text = str(e)
-    if "Original Traceback" in text:
-        found = re.findall(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)$", text, flags=re.M)
-        if found:
-            return found[-1]
-    return text
 
 
 def main(argv=None) -> int:

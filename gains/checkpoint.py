@@ -33,7 +33,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import nn
+
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -56,26 +57,9 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, write_fn) -> None:
-    """Call `write_fn(tmp_path)` then rename over `path`; on any failure the old `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """torch.save `state` to `path` atomically (tmp file in the same folder + os.replace)."""
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -83,7 +67,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def write_last_checkpoint(output_dir: str | os.PathLike, filename: str) -> None:

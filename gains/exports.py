@@ -39,9 +39,7 @@ disk, bad input) never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -53,6 +51,7 @@ import roifile
 import tifffile
 from scipy import ndimage
 
+from .atomic import atomic_write
 from .instances import CropMasks
 
 NPZ_FORMAT = "gains-instances-v1"
@@ -63,28 +62,6 @@ _CONTOUR_LEVEL = 0.25
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
-    """Call `write_fn(tmp_path)` on a temp file beside `path`, then rename it over `path`.
-
-    Kept here rather than imported from gains.checkpoint so that this module (and reading the npz) does
-    not import torch.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _numpy(x, dtype) -> np.ndarray:
     """Array or tensor (any device) -> numpy array of `dtype`."""
     return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=dtype)
@@ -121,7 +98,7 @@ def write_label_image(path: str | os.PathLike, masks: CropMasks, scores=None, dt
         _check_lengths(len(masks), scores=scores)
     labels = masks.label_image(scores, dtype)
     imagej = labels.dtype != np.uint32
-    return _atomic_write(path, lambda tmp: tifffile.imwrite(
+    return atomic_write(path, lambda tmp: tifffile.imwrite(
         tmp, labels, imagej=imagej, metadata={"axes": "YX"} if imagej else None, photometric="minisblack",
         compression=compression))
 
@@ -227,7 +204,7 @@ def write_imagej_rois(path: str | os.PathLike, masks: CropMasks, names: Sequence
         warnings.warn(f"{Path(path).name}: {len(empty)} empty mask(s) have no ROI (first: {empty[:5]}); "
                       f"{counts['holes_filled']} mask(s) with holes are outlined by their outer boundary "
                       "(holes filled in the ROIs; the label image and the npz keep them)", stacklevel=2)
-    return _atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
+    return atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
 
 
 # ------------------------------------------------------------------------------------------- npz
@@ -268,7 +245,7 @@ def write_instances_npz(path: str | os.PathLike, masks: CropMasks, scores, label
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a path
             np.savez_compressed(f, **arrays)
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def read_instances_npz(path: str | os.PathLike) -> dict:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomic import atomic_write
 from .coco import DataError, ImageRecord
 
 MANIFEST = "gamm_manifest.json"
@@ -64,18 +63,9 @@ def read_manifest(folder: Path) -> dict | None:
 
 def write_manifest(folder: Path, params, fingerprints: dict[int, str]) -> None:
     """Write the manifest atomically (temporary file + rename)."""
-    folder = Path(folder)
     body = json.dumps({"format": FORMAT, "params": asdict(params),
                        "images": {str(k): v for k, v in sorted(fingerprints.items())}}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MANIFEST}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(folder) / MANIFEST, lambda tmp: Path(tmp).write_text(body))
 
 
 def _describe(params: dict) -> str:

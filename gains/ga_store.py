@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .coco import DataError, ImageRecord
 from .gamm import compute_ga_crops, gamm_mask_crops, map_folder_name
 from .sparse_maps import SparseMaps
@@ -95,17 +96,11 @@ def dense_to_crop(dense: np.ndarray) -> Crop:
 
 
 def _atomic(path: Path, write) -> None:
-    """`write(file object)` into a temporary file in the same folder, then rename: readers never see half
-    a file, and a failure leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """`write(file object)` through `gains.atomic.atomic_write`: readers never see half a file."""
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, to_file)
 
 
 def save_array_atomic(path: Path, array: np.ndarray) -> None:
