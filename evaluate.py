@@ -25,7 +25,7 @@ from pathlib import Path
 from gains import dist
 from gains.cli_errors import one_line
 from gains.checkpoint import CheckpointError
-from gains.coco import DataError
+from gains.annotations import DataError
 from gains.config import ConfigError
 
 
@@ -69,7 +69,7 @@ def _read_json(path: Path, what: str):
 
 def score_file(args) -> None:
     from gains.evaluation import evaluate_results, format_table
-    from gains.inference import write_json_atomic
+    from gains.atomic import write_json_atomic
 
     gt_path, pred_path = Path(args.gt), Path(args.pred)
     gt = _read_json(gt_path, "ground-truth json (--gt)")

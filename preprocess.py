@@ -6,11 +6,15 @@
     python preprocess.py --dataset dsb2018-sample [--out DIR] # real DSB2018 nuclei (needs the stardist wheel)
     python preprocess.py --from-labels IMAGES [--labels-dir DIR] --out DIR [--split-ratios 0.6 0.2 0.2]
     python preprocess.py --from-labelme JSON_DIR --out DIR [--split-ratios 0.6 0.2 0.2]
+    python preprocess.py --from-detectron2 model_final.pth --config configs/isbi_r50.yaml --out OUT.pth \
+        [key=value ...] [--allow-partial] [--allow-config-mismatch]  # the authors' released models
+    python preprocess.py --inspect-weights model_final.pth   # format and the config values it implies
     python preprocess.py --json A.json --images DIR --variant isbi --window-size 5 --ga-factor 0.5 \
         --overlap-hl 0.1 --target-category 0 [--out DIR] [--workers N] [--dtype float32|float16]
         [--layout compact|authors]
 
-The last three write a COCO data set folder (train.json + train/, val.json + val/, test.json + test/).
+--from-detectron2 writes a gains checkpoint for `evaluate.py --ckpt OUT.pth` (gains/convert_checkpoint.py).
+--from-labels, --from-labelme and --dataset dsb2018-sample write a COCO data set folder (train.json + train/, val.json + val/, test.json + test/).
 Maps go to `<out or images>/anomap_ws{N}_f{F}_ol{O}/`: by default one compact lossless `image_{image_id}.npz`
 per image (each map as a crop on its support, gains/ga_store.py); `--layout authors` writes the authors'
 `{annotation_id}.npy`, one dense H x W array per annotation. Training reads both.
@@ -59,9 +63,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     convert.add_argument("--split-ratios", type=float, nargs=3, default=(0.6, 0.2, 0.2),
                          metavar=("TRAIN", "VAL", "TEST"), help="image split (default 0.6 0.2 0.2; seed 0)")
     convert.add_argument("--category-name", default="cell", help="category of label-image instances")
-    args = p.parse_args(argv)
-    if sum(x is not None for x in (args.dataset, args.from_labels, args.from_labelme)) > 1:
-        p.error("use one of --dataset, --from-labels, --from-labelme")
+    weights = p.add_argument_group("the authors' detectron2 checkpoints (write a gains checkpoint to --out)")
+    weights.add_argument("--from-detectron2", type=Path, metavar="CKPT",
+                         help="detectron2 GAInS / Mask R-CNN checkpoint (.pth or .pkl) to convert")
+    weights.add_argument("--config", type=Path, help="YAML config of that model, e.g. configs/isbi_r50.yaml")
+    weights.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (--from-detectron2)")
+    weights.add_argument("--allow-partial", action="store_true",
+                         help="convert despite unknown/missing/mis-shaped keys (all reported by name)")
+    weights.add_argument("--allow-config-mismatch", action="store_true",
+                         help="convert although the config's input format / mean / std / stride / norm differ "
+                              "from detectron2's (the outputs will then differ from the authors')")
+    weights.add_argument("--inspect-weights", type=Path, metavar="FILE",
+                         help="print the format of a weights file and the config values it implies")
+    args = p.parse_intermixed_args(argv)
+    if args.overrides and not args.from_detectron2:
+        p.error(f"unexpected arguments {' '.join(args.overrides)} (key=value overrides go with --from-detectron2)")
+    modes = (args.dataset, args.from_labels, args.from_labelme, args.from_detectron2, args.inspect_weights)
+    if sum(x is not None for x in modes) > 1:
+        p.error("use one of --dataset, --from-labels, --from-labelme, --from-detectron2, --inspect-weights")
+    if args.from_detectron2 and (args.config is None or args.out is None):
+        p.error("--from-detectron2 needs --config CONFIG (the model's YAML) and --out OUT.pth")
+    if args.from_detectron2 or args.inspect_weights:
+        return args
     if (args.from_labels or args.from_labelme) and args.out is None:
         p.error("--from-labels / --from-labelme need --out DIR (the data set folder to write)")
     if args.from_labels or args.from_labelme:
@@ -104,7 +127,7 @@ def write_visualizations(records, store, out_dir: Path, k: int) -> int:
 
 
 def run_gamm(args) -> int:
-    from gains.coco import DataError, load_coco
+    from gains.annotations import DataError, load_coco
     from gains.ga_manifest import prepare_map_folder
     from gains.ga_store import GAMapStore, GammParams, fill_map_folder
 
@@ -145,8 +168,8 @@ def run_gamm(args) -> int:
 
 
 def run_convert(args) -> int:
-    from gains.coco import DataError
-    from gains.convert import convert_dsb2018_sample, convert_folder, describe_dataset
+    from gains.annotations import DataError
+    from gains.dataset_converters import convert_dsb2018_sample, convert_folder, describe_dataset
 
     try:
         if args.dataset == "dsb2018-sample":
@@ -167,8 +190,32 @@ def run_convert(args) -> int:
     return 0
 
 
+def run_convert_weights(args) -> int:
+    """--from-detectron2 / --inspect-weights: exit 0, 1 for a checkpoint that does not convert, 2 for a bad
+    config."""
+    from gains.config import load_config
+    from gains.convert_checkpoint import convert_checkpoint, describe_weights_file
+    from gains.errors import CheckpointError, ConfigError
+
+    try:
+        if args.inspect_weights:
+            print(describe_weights_file(args.inspect_weights))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        report, notes = convert_checkpoint(args.from_detectron2, args.out, cfg, allow_partial=args.allow_partial,
+                                           allow_config_mismatch=args.allow_config_mismatch)
+    except (ConfigError, CheckpointError) as e:
+        print(f"preprocess.py: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    print(report.describe() + "\n" + "\n".join(notes))
+    print(f"wrote {args.out}; evaluate it with: python evaluate.py --ckpt {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_detectron2 or args.inspect_weights:
+        return run_convert_weights(args)
     if args.dataset == "dsb2018-sample" or args.from_labels or args.from_labelme:
         return run_convert(args)
     if args.dataset == "synthetic":

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    from gains.coco import DataError
+    from gains.annotations import DataError
     from gains.engine import train
     from gains.evaluation import EvaluationError
     try:

@@ -56,7 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gains import dist, engine  # noqa: E402
+from gains import dist, optim, train_step  # noqa: E402
+from gains.precision import AmpMode, autocast  # noqa: E402
 from gains.config import load_config  # noqa: E402
 from gains.sparse_maps import SparseMaps  # noqa: E402
 
@@ -188,10 +189,10 @@ def set_size(model, name: str, size: int) -> None:
         model.transform.min_size, model.transform.max_size = (size,), size
 
 
-def parse_precision(p: str) -> tuple[engine.AmpMode, bool]:
+def parse_precision(p: str) -> tuple[AmpMode, bool]:
     base, cl = (p[:-3], True) if p.endswith("-cl") else (p, False)
-    return {"fp32": engine.AmpMode(None), "bf16": engine.AmpMode(torch.bfloat16),
-            "fp16": engine.AmpMode(torch.float16)}[base], cl
+    return {"fp32": AmpMode(None), "bf16": AmpMode(torch.bfloat16),
+            "fp16": AmpMode(torch.float16)}[base], cl
 
 
 class Runner:
@@ -209,11 +210,11 @@ class Runner:
         self.amp, cl = parse_precision(precision)
         self.model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         cfg = load_config(None, ["solver.base_lr=0.0001"])
-        self.opt = engine.build_optimizer(cfg, self.model, fused=True)
-        engine.prepare_fused_sgd(self.opt, fused=True)
+        self.opt = optim.build_optimizer(cfg, self.model, fused=True)
+        optim.prepare_fused_sgd(self.opt, fused=True)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp.use_scaler)
-        self.guard = engine.NonFiniteGuard(self.device, all_ranks=False)
+        self.guard = train_step.NonFiniteGuard(self.device, all_ranks=False)
         self.steps = 0
 
     def set_batch(self, images, targets, size: int, sparse: bool) -> None:
@@ -224,17 +225,17 @@ class Runner:
     def train_step(self) -> None:
         model = self.ddp or self.model
         model.train()
-        with engine.autocast(self.amp, self.device):
+        with autocast(self.amp, self.device):
             losses = model(self.images, self.targets)
         names = tuple(sorted(losses))
         self.steps += 1
         skip = self.guard.update(self.steps, names, torch.stack([losses[k].detach().float() for k in names]))
-        engine.backward_and_step(sum(losses.values()), self.opt, self.scaler, self.params, 0.0, skip)
+        train_step.backward_and_step(sum(losses.values()), self.opt, self.scaler, self.params, 0.0, skip)
 
     @torch.inference_mode()
     def infer(self, paste: bool = True) -> None:
         self.model.eval()
-        with engine.autocast(self.amp, self.device):
+        with autocast(self.amp, self.device):
             out = self.model(self.images)
         if paste and not self.name.startswith("torchvision"):  # torchvision pasted inside its forward
             from gains.predictor import paste_masks
@@ -446,7 +447,7 @@ def run_ddp(args) -> None:
             plain, _ = measure(runner.train_step, device, args.warmup, args.iters)
             runner.ddp = nn.parallel.DistributedDataParallel(
                 runner.model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-            runner.guard = engine.NonFiniteGuard(device, all_ranks=True)  # as the engine under DDP
+            runner.guard = train_step.NonFiniteGuard(device, all_ranks=True)  # as the engine under DDP
             torch_dist.barrier()
             ddp, peak = measure(runner.train_step, device, args.warmup, args.iters)
             per_rank = dist.all_gather_object((statistics.median(plain), statistics.median(ddp), peak))

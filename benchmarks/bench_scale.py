@@ -291,7 +291,7 @@ def num_anchors(height: int, width: int, strides=(4, 8, 16, 32, 64), per_locatio
 
 
 def part1(args, work: Path) -> str:
-    from gains.coco import load_coco
+    from gains.annotations import load_coco
     from gains.ga_store import GAMapStore, GammParams, fill_map_folder
     from gains.synthetic_field import write_field_dataset
 

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
 
     from gains.config import load_config
     from gains.data import build_dataset
-    from gains.engine import build_lr_scheduler, build_optimizer, to_device
+    from gains.optim import build_lr_scheduler, build_optimizer
+    from gains.train_step import to_device
     from gains.model import build_model
     from gains.sampling import build_train_loader
 

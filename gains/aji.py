@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .coco_ap import AREA_RANGES, ImageInstances, category_overlaps, normalize_images
+from .average_precision import AREA_RANGES, ImageInstances, category_overlaps, normalize_images
 
 AJI_MODES = ("clean", "gains")
 
@@ -182,7 +182,7 @@ def _dataset(gt_per_image, det_per_image, category_ids, kind, mode="clean", max_
 
 
 def aji(gt_per_image, det_per_image, category_ids, mode: str = "clean", max_dets: int = 100) -> dict:
-    """Data-set `aji` (GAInS/DoNet tables), inputs as `coco_ap.evaluate_instances` (masks needed;
+    """Data-set `aji` (GAInS/DoNet tables), inputs as `average_precision.evaluate_instances` (masks needed;
     labels outside `category_ids` are left out).
 
     Returns {"per_image": {image_id: {cat_id: value}} (only categories present in that image),

@@ -9,7 +9,7 @@ L_a = conv1x1 D -> K(ReLU(deconv 2x2 s2 (F_a)))          # R x K x 28 x 28 GA re
 F_m is not detached: the anomaly loss trains the mask branch and the backbone through G. The branch only
 runs in training; at test time the model is a plain Mask R-CNN.
 
-The GA-weighted mask BCE itself (`loss_mask = w * mean(GA * BCE)`) is `roi_heads.mask_loss` with the GA
+The GA-weighted mask BCE itself (`loss_mask = w * mean(GA * BCE)`) is `mask_head.mask_loss` with the GA
 crops as pixel weights; this file holds the anomaly-branch MSE.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gains.roi_heads import ConvUpsampleHead
+from .mask_head import ConvUpsampleHead
 
 
 def anomaly_loss(ga_logits: Tensor, labels: Tensor, ga_targets: Tensor) -> Tensor:
@@ -52,8 +52,3 @@ class ALRM(nn.Module):
     def forward(self, x: Tensor, f_m: Tensor) -> Tensor:
         g = F.relu(self.guidance(torch.cat([x, f_m], dim=1)))
         return self.branch(g)[1]
-
-    @staticmethod
-    def loss(ga_logits: Tensor, labels: Tensor, ga_targets: Tensor) -> Tensor:
-        """See `anomaly_loss`."""
-        return anomaly_loss(ga_logits, labels, ga_targets)

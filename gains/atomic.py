@@ -3,6 +3,7 @@ file and a failure leaves the old file (or none) in place. No torch import: expo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,3 +27,16 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Pa
             os.unlink(tmp)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Replace a text file atomically (last_checkpoint, metrics.jsonl rewrites, json outputs)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return atomic_write(path, write)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """json.dump `obj` compactly into `path` atomically: readers never see half a file."""
+    return write_text_atomic(path, json.dumps(obj, separators=(",", ":")))

@@ -24,7 +24,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .checkpoint import CheckpointError, torch_load_safely
+from .errors import CheckpointError
+from .weight_names import RESNET_BLOCKS, resnet_state_from_foreign
+from .weights_io import read_foreign_weights, torch_load_safely
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ class WeightsNotFoundError(CheckpointError, FileNotFoundError):
 class WeightsMismatchError(CheckpointError, ValueError):
     """The weights file is readable but is not a ResNet state dict of this depth; the message names the keys."""
 
-RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
-                 50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
+RESNET_LAYERS = {depth: (Bottleneck if bottleneck else BasicBlock, list(blocks))
+                 for depth, (bottleneck, blocks) in RESNET_BLOCKS.items()}
 NORMS = ("frozen_bn", "bn", "gn", "syncbn")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # detectron2's res2..res5
 
@@ -108,7 +110,7 @@ def _unwrap_state_dict(obj) -> dict:
 def load_resnet_weights(net: ResNet, path: str | Path) -> None:
     """Copy ImageNet weights from a local file into `net`, in place: a torchvision ResNet state dict
     (`.pth`), or an MSRA caffe2 / detectron2 `.pkl` (detectron2's `R-50.pkl`, `R-101.pkl`; names converted
-    by gains/convert_d2.py, BN statistics set to mean 0 / var 1 where the file has none).
+    by gains/weight_names.py, BN statistics set to mean 0 / var 1 where the file has none).
 
     Errors name every missing or shape-mismatched parameter; unknown keys (other than the classifier
     `fc.*` and, with GroupNorm, BN running statistics) are reported in a warning.
@@ -150,8 +152,6 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
 
 def _read_pkl_weights(net: ResNet, path: Path) -> dict:
     """MSRA caffe2 / detectron2 pickle -> torchvision names; ignored blobs are logged, not dropped silently."""
-    from gains.convert_d2 import read_foreign_weights, resnet_state_from_foreign
-
     state, report = resnet_state_from_foreign(read_foreign_weights(path)[0])
     logger.info("%s: %s", path, report.describe())
     if report.unknown:

@@ -19,17 +19,17 @@ import difflib
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from .atomic import write_text_atomic
+from .errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the file."""
 
 
 # Accepted forms of the keys whose base.yaml default is null or that take more than one form, separated by
@@ -43,7 +43,7 @@ TYPES = {
     "gamm.map_dir": "str | null",                       # folder
     "model.backbone.weights": "str | null",             # path of ImageNet weights
     "model.rpn.anchor_sizes": "list[float]",            # anchor sides in px may be fractional (2^(1/3) scales)
-    "model.alrm.mask_loss_weight": "float | null",
+    "model.roi_heads.mask_loss_weight": "float | null",
     "solver.amp": "bool | int | str",                   # false / true (0 / 1) / bf16 / fp16 (engine.parse_amp)
     "test.detections_per_tile": "int | null",
 }
@@ -183,6 +183,30 @@ def _load_chain(path: Path, seen: tuple = ()) -> dict:
     return base
 
 
+# Keys that moved: old dotted name -> new one. Configs and checkpoints written before still load (one warning).
+MOVED_KEYS = {"model.alrm.mask_loss_weight": "model.roi_heads.mask_loss_weight"}
+
+
+def _move_renamed_keys(tree: dict, source: str) -> dict:
+    """Rewrite the MOVED_KEYS of a nested config dict (file or overrides) to their new names, in place."""
+    for old, new in MOVED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        warnings.warn(f"{source}: config key {old} is now {new}; its value {value!r} was used for {new} "
+                      f"(rename it in the file to silence this)", FutureWarning, stacklevel=3)
+        target = tree
+        *new_parents, new_leaf = new.split(".")
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target[new_leaf] = value
+    return tree
+
+
 def _merge_into(dst: dict, src: dict, source: str, schema: dict | None, prefix: str = "") -> None:
     """Recursively copy `src` into `dst`. With a `schema`, every key must exist there."""
     for key, value in src.items():
@@ -240,17 +264,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     schema.pop("_base_", None)
     cfg = copy.deepcopy(schema)
     if path is not None:
-        _merge_into(cfg, _load_chain(Path(path)), source=str(path), schema=schema)
-    _merge_into(cfg, parse_overrides(overrides), source="command-line override", schema=schema)
+        _merge_into(cfg, _move_renamed_keys(_load_chain(Path(path)), str(path)), source=str(path), schema=schema)
+    _merge_into(cfg, _move_renamed_keys(parse_overrides(overrides), "command-line override"),
+                source="command-line override", schema=schema)
     return _wrap(cfg)
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML atomically (tmp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = cfg.to_dict() if isinstance(cfg, Config) else cfg
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

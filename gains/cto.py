@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from .aji import _aggregate, aji_from_overlaps, aji_image
-from .coco_ap import (STAT_NAMES, _mask_runs, _match_all, _mean_valid, _Pair, _precision_recall,
+from .average_precision import (STAT_NAMES, _mask_runs, _match_all, _mean_valid, _Pair, _precision_recall,
                       category_overlaps, mask_iou, normalize_images, summarize)
 from .mask_runs import MaskRuns
 
@@ -140,7 +140,7 @@ def stratified_metrics(gt_per_image, det_per_image, category_ids, same_category_
                        max_dets=(1, 10, 100)) -> dict:
     """Mask AP and `aji` (clean) overall, on CTO instances and on non-CTO instances (module docstring).
 
-    Inputs as `gains.coco_ap.evaluate_instances` / `instance_metrics` (per-image dicts with 'labels',
+    Inputs as `gains.average_precision.evaluate_instances` / `instance_metrics` (per-image dicts with 'labels',
     'masks' and optional 'iscrowd', 'areas', 'image_id' for GT; 'labels', 'scores', 'masks' for
     detections); masks are required.
 
@@ -157,7 +157,7 @@ def stratified_metrics(gt_per_image, det_per_image, category_ids, same_category_
 
 def stratified_metrics_images(images, category_ids, same_category_only: bool = True,
                               max_dets=(1, 10, 100)) -> dict:
-    """`stratified_metrics` on already normalised images (`gains.coco_ap.normalize_images` output, e.g. the
+    """`stratified_metrics` on already normalised images (`gains.average_precision.normalize_images` output, e.g. the
     evaluator's streamed accumulator)."""
     max_dets = sorted(int(m) for m in max_dets)
     if len(max_dets) != 3:

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .coco import CategoryMap, DataError, ImageRecord, load_coco, segmentation_to_mask
+from .annotations import CategoryMap, DataError, ImageRecord, load_coco, segmentation_to_mask
 from .ga_manifest import prepare_map_folder
 from .ga_store import GAMapStore, GammParams
 from .imageio import read_image
 from .instances import CropMasks
 from .sparse_maps import sparse_masks_from_crops
-from .transforms import EvalTransform, RandomCrop, TrainTransform, masks_to_boxes, select
+from .synthetic import make_synthetic_dataset
+from .transforms import EvalTransform, RandomCrop, TrainTransform, masks_to_boxes, resized_shape
 
 SPLITS = ("train", "val", "test")
 TARGET_FORMATS = ("sparse", "dense")
@@ -116,7 +117,6 @@ def ensure_synthetic(cfg) -> None:
         return
     if all(split_paths(cfg, s)[0].is_file() for s in SPLITS):
         return
-    from .synthetic import make_synthetic_dataset
     make_synthetic_dataset(cfg.data.root, seed=0)
 
 
@@ -143,7 +143,6 @@ MAX_TRAIN_SHRINK = 2.0  # beyond this the whole-image resize makes objects much 
 def warn_if_shrunk(records: list[ImageRecord], min_sizes, max_size: int, json_path) -> None:
     """One warning when whole-image training would shrink images by more than MAX_TRAIN_SHRINK (large
     fields of view squeezed into max_size_train), naming the largest case and the option that avoids it."""
-    from .transforms import resized_shape
 
     sizes = min_sizes if isinstance(min_sizes, (list, tuple)) else [min_sizes]
     worst = None

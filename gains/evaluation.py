@@ -31,10 +31,18 @@ import torch
 from pycocotools import mask as mask_utils
 
 from . import dist
-from .coco import (CategoryMap, DataError, ImageRecord, check_segmentation, is_finite_number, segmentation_to_mask,
+from .annotations import (CategoryMap, DataError, ImageRecord, check_segmentation, is_finite_number, segmentation_to_mask,
                    segmentation_to_rle)
 from .cto import stratified_metrics_images
-from .inference import encode_results, model_device, predict_dataset, shard_indices, write_json_atomic
+from .atomic import write_json_atomic
+from .checkpoint import unwrap_model
+from .data import build_dataset
+from .devices import model_device
+from .imageio import read_image, read_image_array, to_float_rgb
+from .inference import encode_results, predict_dataset, shard_indices
+from .instances import CropMasks
+from .predictor import Predictor
+from .visualize import pyplot, overlay_label_image, save_figure_atomic, save_instance_panels
 from .mask_runs import runs_from_rles
 from .metrics import AJI_MODES, STAT_NAMES, aji_from_overlaps, category_overlaps, evaluate_images, normalize_images
 
@@ -48,7 +56,7 @@ class EvaluationError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- instances
 def gt_instances(record: ImageRecord, as_runs: bool = False) -> dict:
-    """Ground truth of one image at its original resolution, in the per-image layout of gains.coco_ap:
+    """Ground truth of one image at its original resolution, in the per-image layout of gains.average_precision:
     `image_id`, `labels` int64 [G] json category ids, `masks` uint8 [G,H0,W0] (pycocotools' rasteriser),
     `boxes_xywh` float64 [G,4] (the annotation's bbox), `iscrowd` bool [G], `areas` float64 [G] (the
     annotation's 'area' field, used for the COCO area ranges). Crowd annotations are included.
@@ -67,7 +75,7 @@ def gt_instances(record: ImageRecord, as_runs: bool = False) -> dict:
 
 
 def det_instances(pred: dict, category_map: CategoryMap) -> dict:
-    """Predictions at the original size (`inference.postprocess`) -> the coco_ap detection layout with json
+    """Predictions at the original size (`inference.postprocess`) -> the average_precision detection layout with json
     category ids: `labels` int64 [N], `scores` float64 [N], `masks` bool [N,H0,W0], `boxes_xywh` [N,4].
     pred["masks"] may also be a `CropMasks` or a list of COCO RLEs (large images): `masks` is then the
     MaskRuns of those RLEs (column-major), never a full-size array."""
@@ -77,7 +85,7 @@ def det_instances(pred: dict, category_map: CategoryMap) -> dict:
         masks = masks.numpy()
     elif hasattr(masks, "image_size"):  # CropMasks
         masks = runs_from_rles(masks.to_rles(), *masks.image_size)
-    elif isinstance(masks, (list, tuple)):  # RLE dicts: gains.coco_ap reads them as runs
+    elif isinstance(masks, (list, tuple)):  # RLE dicts: gains.average_precision reads them as runs
         masks = list(masks)
     return {"labels": np.array([category_map.to_json_id(v) for v in pred["labels"].tolist()], dtype=np.int64),
             "scores": pred["scores"].double().numpy(), "masks": masks,
@@ -94,7 +102,7 @@ class MetricAccumulator:
         self.images: dict[int, tuple] = {}  # image_id -> (ImageInstances, category overlaps)
 
     def add(self, gt: dict, det: dict) -> None:
-        """gt/det: one image in the gains.coco_ap layout (masks and boxes_xywh both given)."""
+        """gt/det: one image in the gains.average_precision layout (masks and boxes_xywh both given)."""
         im = normalize_images([gt], [det])[0]
         # all detections: AP and `aji` take their own top 100 per category, Kumar/AJI+ use them all
         self.images.setdefault(im.image_id, (im, category_overlaps(im, None)))
@@ -236,12 +244,6 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     scored from runs (no dense [N,H,W] masks) and listed under `tiled_images` with a note; the rest take
     the batched whole-image path unchanged.
     """
-    from .checkpoint import unwrap_model
-    from .data import build_dataset
-    from .imageio import read_image
-    from .predictor import Predictor
-    from .visualize import save_instance_panels
-
     dataset = build_dataset(cfg, split, is_train=False)
     cmap = dataset.category_map
     if expected_category_map is not None and tuple(expected_category_map.json_ids) != tuple(cmap.json_ids):
@@ -339,8 +341,6 @@ def _predict_large(predictor, dataset, index: int, thresh: float) -> dict:
     """One large image predicted tile by tile at its original size (read and normalised like the data set,
     `data.normalize`), detections with score < thresh dropped: `boxes`, `labels`, `scores` tensors and
     `masks` a CropMasks, plus a `tiled` marker."""
-    from .imageio import read_image_array
-
     record = dataset.records[index]
     array = read_image_array(record.path)
     if tuple(array.shape[:2]) != (record.height, record.width):
@@ -355,10 +355,6 @@ def _predict_large(predictor, dataset, index: int, thresh: float) -> dict:
 def _save_label_panels(pred: dict, record: ImageRecord, cfg, vis_thresh: float, path, title: str) -> None:
     """Ground truth | prediction overlays of a large image drawn from label images (O(H x W), subsampled
     beyond 2048 px by `overlay_label_image`), never from [N,H,W] masks."""
-    from .imageio import read_image_array, to_float_rgb
-    from .instances import CropMasks
-    from .visualize import _pyplot, overlay_label_image, save_figure_atomic
-
     array = read_image_array(record.path)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -370,7 +366,7 @@ def _save_label_panels(pred: dict, record: ImageRecord, cfg, vis_thresh: float, 
     panels = [(f"ground truth ({len(gt)})", gt.label_image()),
               (f"prediction ({int(shown.sum())}, score >= {vis_thresh:g})",
                det.label_image(pred["scores"].numpy()[shown]))]
-    plt = _pyplot()
+    plt = pyplot()
     h, w = record.height, record.width
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.5 * h / max(w, 1) + 0.6), squeeze=False)
     for ax, (name, labels) in zip(axes[0], panels):

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .atomic import atomic_write
-from .coco import DataError, ImageRecord
+from .annotations import DataError, ImageRecord
 
 MANIFEST = "gamm_manifest.json"
 FORMAT = "gains-ga-maps-v1"

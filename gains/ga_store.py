@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .coco import DataError, ImageRecord
+from .annotations import DataError, ImageRecord
 from .gamm import compute_ga_crops, gamm_mask_crops, map_folder_name
 from .sparse_maps import SparseMaps
 

@@ -101,8 +101,8 @@ def _polygons_crop(polygons, height, width):
         if len(xy) < 3:
             continue
         if not np.isfinite(xy).all():  # NaN/inf would turn into INT64_MIN lattice bounds (a huge crop)
-            raise ValueError("polygon with non-finite (NaN/inf) coordinates; gains.coco.load_coco rejects "
-                             "these, validate segmentations with gains.coco.check_segmentation")
+            raise ValueError("polygon with non-finite (NaN/inf) coordinates; gains.annotations.load_coco rejects "
+                             "these, validate segmentations with gains.annotations.check_segmentation")
         c0, r0 = np.maximum(np.ceil(xy.min(0)), 0).astype(int)
         c1, r1 = np.minimum(np.floor(xy.max(0)), [width - 1, height - 1]).astype(int)
         if c1 >= c0 and r1 >= r0:

@@ -16,6 +16,8 @@ from zlib import error as zlib_error
 import numpy as np
 import torch
 
+from .errors import DataError
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 NORMALIZATIONS = ("dtype", "percentile")
 
@@ -24,8 +26,7 @@ _UNREADABLE_FIX = ("the file is corrupt or truncated (an interrupted copy or dow
                    "source, or re-export it as PNG/TIFF")
 
 
-def _unreadable(path: Path, e: BaseException, what: str) -> "DataError":
-    from .coco import DataError  # local import: coco imports this module lazily too
+def _unreadable(path: Path, e: BaseException, what: str) -> DataError:
     reason = str(e).splitlines()[0][:200] if str(e) else ""
     return DataError(f"{path}: cannot {what} ({type(e).__name__}{': ' + reason if reason else ''}); "
                      f"{_UNREADABLE_FIX}")
@@ -52,12 +53,10 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _is_data_error(e: BaseException) -> bool:
-    from .coco import DataError
     return isinstance(e, DataError)
 
 
 def _hw_from_shape(shape: tuple, path: Path) -> tuple[int, int]:
-    from .coco import DataError
     if len(shape) == 2:
         return int(shape[0]), int(shape[1])
     if len(shape) == 3 and shape[-1] in (1, 3, 4):

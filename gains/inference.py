@@ -9,8 +9,6 @@ convention of the ground truth and of the COCO results json.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -19,9 +17,18 @@ import torch
 from pycocotools import mask as mask_utils
 
 from . import dist
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, unwrap_model, write_text_atomic
-from .coco import CategoryMap, DataError
-from .predictor import paste_masks
+from .annotations import CategoryMap
+from .atomic import write_json_atomic
+from .checkpoint import load_checkpoint, read_checkpoint, unwrap_model
+from .config import ConfigError, dump_config, load_config
+from .data import collate
+from .devices import model_device, resolve_device
+from .errors import CheckpointError, DataError
+from .exports import coco_results, write_imagej_rois, write_instances_npz, write_label_image
+from .imageio import read_image_array, read_image_size, to_float_rgb
+from .model import build_model
+from .predictor import Predictor, boxes_to_original, paste_masks
+from .visualize import save_label_overlay
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -34,13 +41,6 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n, world_size))
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def postprocess(det: dict, resized_size, orig_size, score_thresh: float, mask_threshold: float = 0.5) -> dict:
     """One image's eval output of the model -> predictions at the original image size, on the CPU.
 
@@ -49,12 +49,9 @@ def postprocess(det: dict, resized_size, orig_size, score_thresh: float, mask_th
     Returns `boxes` float32 [n,4] xyxy original pixels (clamped to the image), `labels` int64 [n], `scores`
     float32 [n], `masks` bool [n,H0,W0]; n = detections with score >= score_thresh, in the model's order.
     """
-    (h, w), (h0, w0) = (int(s) for s in resized_size), (int(s) for s in orig_size)
+    h0, w0 = (int(s) for s in orig_size)
     keep = det["scores"] >= score_thresh
-    boxes = det["boxes"][keep].detach().float().cpu()
-    boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=torch.float32)
-    boxes = torch.stack([boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0),
-                         boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)], dim=1)
+    boxes = boxes_to_original(det["boxes"][keep].detach().float().cpu(), resized_size, orig_size)
     masks = det["masks"][keep].detach().float().cpu()
     return {"boxes": boxes, "labels": det["labels"][keep].detach().cpu().to(torch.int64),
             "scores": det["scores"][keep].detach().float().cpu(),
@@ -70,8 +67,6 @@ def predict_dataset(model: torch.nn.Module, dataset, indices: list[int], score_t
     of the same resized size share a batch (up to `batch_size`): mixing sizes would zero-pad the smaller
     ones, which changes their predictions near the border, so results do not depend on the batching.
     """
-    from .data import collate
-
     device = model_device(model)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
                                          shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -140,17 +135,10 @@ def mask_rles(masks) -> list[dict]:
     return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """json.dump into a tmp file beside `path`, then rename: readers never see half a file."""
-    write_text_atomic(path, json.dumps(obj, separators=(",", ":")))
-
-
 # ----------------------------------------------------------------------------------------------- checkpoints
 def config_from_checkpoint(ckpt: dict, path, config_path=None, overrides=()):
     """The config of an inference run: `config_path` + overrides when given, else the resolved config
     saved in the checkpoint + overrides (validated against base.yaml like any config file)."""
-    from .config import ConfigError, dump_config, load_config
-
     if config_path is not None:
         return load_config(config_path, overrides)
     saved = ckpt.get("config") if isinstance(ckpt, dict) else None
@@ -169,9 +157,6 @@ def load_for_inference(ckpt_path, config_path=None, overrides=()):
     from the config (the message names the missing, unexpected and mis-shaped keys and the differing
     `model.*` config values), ConfigError for a bad config.
     """
-    from .engine import resolve_device
-    from .model import build_model
-
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; pass the model_final.pth (or model_*.pth) "
@@ -222,11 +207,6 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
     disjoint shard and writes its images' files; rank 0 writes the jsons.
     Returns {"num_images", "num_detections", "out_dir"} (rank 0; {} elsewhere).
     """
-    from .exports import coco_results, write_imagej_rois, write_instances_npz, write_label_image
-    from .imageio import read_image_array, read_image_size
-    from .predictor import Predictor
-    from .visualize import save_label_overlay
-
     files = list_images(images_dir)
     for path in files:  # unreadable files are reported before anything is written
         try:
@@ -279,8 +259,6 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
 
 def predictor_image(array: np.ndarray, cfg) -> np.ndarray:
     """The image as the model saw it before resizing (float [3,H,W] in [0,1]), for drawing overlays."""
-    from .imageio import to_float_rgb
-
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     return to_float_rgb(array, str(cfg.data.normalize)).numpy()

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .annotations import segmentation_to_rle
+from .mask_runs import runs_from_rles
+
 
 @dataclass
 class CropMasks:
@@ -73,7 +76,6 @@ class CropMasks:
     def from_rles(cls, rles: list[dict], height: int, width: int) -> "CropMasks":
         """COCO RLEs (compressed or uncompressed counts) -> tight crops, decoded from the runs inside each
         mask's box only (never a full-size array)."""
-        from .mask_runs import runs_from_rles
 
         runs = runs_from_rles(list(rles), height, width)
         boxes, crops = np.zeros((len(runs), 4), np.int64), []
@@ -100,8 +102,7 @@ class CropMasks:
     @classmethod
     def from_segmentations(cls, segmentations: list, height: int, width: int) -> "CropMasks":
         """COCO segmentations (polygon lists, RLE dicts) -> crops equal to pycocotools' rasterisation
-        (`gains.coco.segmentation_to_mask`): polygons become RLE without a full-size array, then runs."""
-        from .coco import segmentation_to_rle
+        (`gains.annotations.segmentation_to_mask`): polygons become RLE without a full-size array, then runs."""
 
         return cls.from_rles([segmentation_to_rle(s, height, width) for s in segmentations], height, width)
 

@@ -5,7 +5,7 @@ Entry points:
   RLEs are parsed natively into runs, never decoded; pycocotools only rasterises polygons (frPyObjects)
   and merges multi-part ones (decode/encode).
 - `evaluate_instances(gt_per_image, det_per_image, category_ids)`: the same from in-memory masks/boxes
-  (layout in `gains.coco_ap`), so the evaluator never re-encodes masks.
+  (layout in `gains.average_precision`), so the evaluator never re-encodes masks.
 - `instance_metrics(...)`: mask AP and every AJI variant from one pass of pixel intersections.
 - `aji`, `aji_kumar`, `aji_plus` and their per-image helpers (`gains.aji`).
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from .aji import (AJI_MODES, aji, aji_from_overlaps, aji_gains_image, aji_image, aji_kumar,  # noqa: F401
                   aji_kumar_image, aji_plus, aji_plus_image, greedy_aji_matches, range_ignore)
-from .coco_ap import (AREA_NAMES, AREA_RANGES, IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES,  # noqa: F401
+from .average_precision import (AREA_NAMES, AREA_RANGES, IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES,  # noqa: F401
                       ImageInstances, box_iou_xywh, category_overlaps, evaluate_images, evaluate_instances,
                       mask_iou, normalize_images, pairwise_intersections, summarize)
 from .mask_runs import MaskRuns, empty_runs, runs_from_dense, runs_from_rles  # noqa: F401

@@ -146,7 +146,7 @@ def build_model(cfg) -> GAInS:
               post_nms_topk_test=r.post_nms_topk_test, min_box_size=r.min_box_size)
     alrm = (ALRM(b.fpn_channels, h.mask_conv_dim, m.num_classes, guidance_init=str(a.guidance_init))
             if use_branch else None)
-    mask_loss_weight = a.mask_loss_weight if a.mask_loss_weight is not None else (0.75 if use_branch else 1.0)
+    mask_loss_weight = h.mask_loss_weight if h.mask_loss_weight is not None else (0.75 if use_branch else 1.0)
     roi_heads = RoIHeads(b.fpn_channels, m.num_classes, batch_size_per_image=h.batch_size_per_image,
                          positive_fraction=h.positive_fraction, iou_threshold=h.iou_threshold,
                          box_weights=h.box_weights, box_pooler_resolution=h.box_pooler_resolution,

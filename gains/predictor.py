@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gains.instances import CropMasks
-from gains.transforms import resize_image, resized_shape  # the data layer's resize, so train and test agree
+from .imageio import to_float_rgb
+from .instances import CropMasks
+from .tiling import predict_tiled
+from .transforms import resize_image, resized_shape  # the data layer's resize, so train and test agree
 
-__all__ = ["Predictor", "paste_masks", "paste_masks_to_crops", "resized_shape", "to_model_image"]
+__all__ = ["Predictor", "boxes_to_original", "paste_masks", "paste_masks_to_crops", "resized_shape", "to_model_image"]
 
 TILING_MODES = ("auto", "always", "never")
 
@@ -105,6 +107,15 @@ def paste_masks_to_crops(masks: Tensor, boxes: Tensor, image_size: tuple[int, in
     return CropMasks(tight.boxes, [c.copy() for c in tight.crops], size)
 
 
+def boxes_to_original(boxes: Tensor, resized_size: tuple[int, int], orig_size: tuple[int, int]) -> Tensor:
+    """Boxes float [N,4] xyxy in the pixels of an image resized to `resized_size` (h, w) -> float32 xyxy in
+    the pixels of its original `orig_size` (H0, W0), clamped to [0, W0] x [0, H0]; on the boxes' device."""
+    (h, w), (h0, w0) = (int(s) for s in resized_size), (int(s) for s in orig_size)
+    boxes = boxes.float() * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h], dtype=torch.float32, device=boxes.device)
+    return torch.stack([boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0),
+                        boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)], dim=1)
+
+
 def to_model_image(image, normalize: str = "dtype") -> Tensor:
     """numpy/tensor image -> float32 [3,H,W] in [0,1] RGB.
 
@@ -113,8 +124,6 @@ def to_model_image(image, normalize: str = "dtype") -> Tensor:
     normalize="dtype", the training data's convention; "percentile" stretches the 1st-99.8th percentile,
     better for dim 16-bit fluorescence. Must match what the model was trained with (gains.imageio).
     """
-    from gains.imageio import to_float_rgb
-
     if isinstance(image, Tensor):
         t = image.detach().cpu()
         if t.dim() == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3, 4):
@@ -224,8 +233,6 @@ class Predictor:
                 x = to_model_image(image, self.normalize)
                 h0, w0 = x.shape[-2:]
                 if self._tiles(h0, w0):
-                    from gains.tiling import predict_tiled
-
                     pred = predict_tiled(x, self._detect, self.tile_size, self.tile_overlap, self.batch_size,
                                          self.merge_iou, self.merge_containment, self.max_detections,
                                          self.progress)
@@ -282,10 +289,7 @@ class Predictor:
         batch = torch.stack([resize_image(im.cpu(), (nh, nw)).to(self.device) for im in images])
         out = []
         for det in self.model(list(batch)):
-            scale = torch.tensor([w0 / nw, h0 / nh, w0 / nw, h0 / nh], device=det["boxes"].device)
-            boxes = det["boxes"] * scale
-            boxes = torch.stack([boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0),
-                                 boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)], dim=1)
+            boxes = boxes_to_original(det["boxes"], (nh, nw), (h0, w0))
             masks = paste_masks_to_crops(det["masks"], boxes, (h0, w0), self.mask_threshold)
             out.append({"boxes": boxes.float().cpu(), "labels": det["labels"].cpu().to(torch.int64),
                         "scores": det["scores"].float().cpu(), "masks": masks})

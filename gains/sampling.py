@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import preserved_rng_state
+from .data import collate
+from .rng import preserved_rng_state
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from a tuple of ints (numpy's SeedSequence hashing)."""
@@ -83,14 +84,8 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(s)
 
 
-def list_collate(batch):
-    """[(image, target), ...] -> (list of images, list of targets) (the gains.data.collate contract)."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 def build_train_loader(dataset: Dataset, *, images_per_rank: int, seed: int, rank: int, world_size: int,
-                       start_iter: int, num_workers: int, collate_fn: Callable = list_collate,
+                       start_iter: int, num_workers: int, collate_fn: Callable = collate,
                        pin_memory: bool = False) -> DataLoader:
     """Endless DataLoader of (list of images, list of targets), `images_per_rank` per batch, starting at
     iteration `start_iter` of the global stream (see TrainingSampler).

@@ -19,7 +19,7 @@ What a field holds:
   disjoint, which is what touching nuclei look like in DSB2018-style ground truth. Only COCO can represent
   the overlaps; a label image cannot (see `field_label_image`).
 - Masks are the project evaluator's rasterisation of those very polygons (pycocotools, as in
-  `gains.coco.segmentation_to_mask`), computed on each instance's box only: the polygon is shifted by an
+  `gains.annotations.segmentation_to_mask`), computed on each instance's box only: the polygon is shifted by an
   integer offset into a small canvas. That shift is exact only because vertex coordinates whose scaled value
   ``5 * x`` ends in .5 are nudged by 0.01 px (see `_snap`); without the nudge about one polygon in five
   rasterises differently once shifted.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -67,7 +67,7 @@ def save_ga_figure(image: np.ndarray, masks: np.ndarray, ga_maps: np.ndarray, pa
 
     image float [3,H,W] in [0,1]; masks bool [N,H,W]; ga_maps float [N,H,W] in [1, 1+GA_factor].
     """
-    plt = _pyplot()
+    plt = pyplot()
     ga = np.max(ga_maps, axis=0) if len(ga_maps) else np.ones(np.asarray(image).shape[-2:])
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     axes[0].imshow(overlay_instances(image, masks, alpha=0.25))
@@ -89,7 +89,7 @@ def save_ga_figure(image: np.ndarray, masks: np.ndarray, ga_maps: np.ndarray, pa
 def save_instance_panels(image: np.ndarray, panels: list, path, title: str = "") -> None:
     """One row of panels, each the image with a set of instance masks overlaid (e.g. ground truth beside
     predictions). image float [3,H,W] or [H,W] in [0,1]; panels: [(panel title, bool masks [N,H,W])]."""
-    plt = _pyplot()
+    plt = pyplot()
     h, w = np.asarray(image).shape[-2:]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5 * h / max(w, 1) + 0.6),
                              squeeze=False)
@@ -123,7 +123,7 @@ def overlay_label_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.
 
 def save_label_overlay(image: np.ndarray, labels: np.ndarray, path, title: str = "") -> None:
     """One panel: `overlay_label_image` of the image, as a PNG (atomic)."""
-    plt = _pyplot()
+    plt = pyplot()
     canvas = overlay_label_image(image, labels)
     h, w = canvas.shape[:2]
     fig, ax = plt.subplots(1, 1, figsize=(min(12.0, 6.0 * w / max(h, 1)) + 0.2, 6.0 * min(1.0, h / max(w, 1)) + 0.6))

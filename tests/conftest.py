@@ -89,7 +89,7 @@ def restore_global_state():
     """train() switches on deterministic algorithms and seeds generators; undo that for other tests."""
     import torch
 
-    from gains.checkpoint import capture_rng_state, restore_rng_state
+    from gains.rng import capture_rng_state, restore_rng_state
     det = torch.are_deterministic_algorithms_enabled()
     rng = capture_rng_state()
     yield

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 from conftest import ROOT, load_script, square, uncompressed_rle, write_coco, write_png
 from gains.checkpoint import CheckpointError, load_weights_for_finetune, read_checkpoint
-from gains.coco import DataError, check_segmentation, coordinate_tolerance, load_coco
+from gains.annotations import DataError, check_segmentation, coordinate_tolerance, load_coco
 from gains.config import BASE_CONFIG, TYPES, ConfigError, load_config
 from gains.evaluation import EvaluationError, evaluate_results
 

@@ -7,7 +7,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from conftest import square, uncompressed_rle, write_coco, write_png
-from gains.coco import CategoryMap, DataError, load_coco, segmentation_to_mask
+from gains.annotations import CategoryMap, DataError, load_coco, segmentation_to_mask
 from gains.imageio import read_image, to_float_rgb
 from gains.transforms import EvalTransform, TrainTransform, masks_to_boxes, resized_shape
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import types
-from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gains import checkpoint as ckpt_mod
-from gains import engine, sampling
+from gains import engine, optim, sampling
 from gains.checkpoint import (CheckpointError, find_last_checkpoint, load_checkpoint, load_weights_for_finetune,
                               read_checkpoint, save_checkpoint)
 from gains.config import ConfigError, load_config
@@ -113,22 +111,22 @@ def metrics_lines(out_dir):
 
 def test_lr_factor_warmup_and_steps():
     kw = dict(warmup_iters=1000, warmup_factor=0.001, steps=[15000, 18000], gamma=0.1)
-    assert engine.lr_factor(0, **kw) == pytest.approx(0.001)
-    assert engine.lr_factor(500, **kw) == pytest.approx(0.001 * 0.5 + 0.5)
-    assert engine.lr_factor(999, **kw) == pytest.approx(0.001 * 0.001 + 0.999)
-    assert engine.lr_factor(1000, **kw) == 1.0
-    assert engine.lr_factor(14999, **kw) == 1.0
-    assert engine.lr_factor(15000, **kw) == pytest.approx(0.1)
-    assert engine.lr_factor(17999, **kw) == pytest.approx(0.1)
-    assert engine.lr_factor(18000, **kw) == pytest.approx(0.01)
-    assert engine.lr_factor(0, warmup_iters=0, warmup_factor=0.001, steps=[], gamma=0.1) == 1.0
+    assert optim.lr_factor(0, **kw) == pytest.approx(0.001)
+    assert optim.lr_factor(500, **kw) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert optim.lr_factor(999, **kw) == pytest.approx(0.001 * 0.001 + 0.999)
+    assert optim.lr_factor(1000, **kw) == 1.0
+    assert optim.lr_factor(14999, **kw) == 1.0
+    assert optim.lr_factor(15000, **kw) == pytest.approx(0.1)
+    assert optim.lr_factor(17999, **kw) == pytest.approx(0.1)
+    assert optim.lr_factor(18000, **kw) == pytest.approx(0.01)
+    assert optim.lr_factor(0, warmup_iters=0, warmup_factor=0.001, steps=[], gamma=0.1) == 1.0
 
 
 def test_scheduler_lr_per_iteration_and_resume_uses_config_shape():
     cfg = load_config("configs/isbi_r50.yaml")
     model = nn.Linear(2, 2)
-    opt = engine.build_optimizer(cfg, model)
-    sched = engine.build_lr_scheduler(cfg, opt)
+    opt = optim.build_optimizer(cfg, model)
+    sched = optim.build_lr_scheduler(cfg, opt)
     seen = {}
     for it in range(18001):
         if it in (0, 1, 999, 1000, 14999, 15000, 18000):
@@ -146,8 +144,8 @@ def test_scheduler_lr_per_iteration_and_resume_uses_config_shape():
     state, opt_state = sched.state_dict(), opt.state_dict()
     assert set(state) == {"last_epoch", "_step_count"}
     cfg2 = load_config("configs/isbi_r50.yaml", ["solver.steps=[60000,80000]"])
-    opt2 = engine.build_optimizer(cfg2, nn.Linear(2, 2))
-    sched2 = engine.build_lr_scheduler(cfg2, opt2)
+    opt2 = optim.build_optimizer(cfg2, nn.Linear(2, 2))
+    sched2 = optim.build_lr_scheduler(cfg2, opt2)
     opt2.load_state_dict(opt_state)
     sched2.load_state_dict(state)
     assert sched2.last_epoch == 18001
@@ -157,7 +155,7 @@ def test_scheduler_lr_per_iteration_and_resume_uses_config_shape():
 def test_optimizer_groups_norm_decay_and_frozen_params():
     cfg = load_config(None, ["solver.weight_decay=0.01", "solver.weight_decay_norm=0.0"])
     model = TinyDetector()
-    opt = engine.build_optimizer(cfg, model)
+    opt = optim.build_optimizer(cfg, model)
     by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert by_id[id(model.norm.weight)] == by_id[id(model.norm.bias)] == 0.0
     assert by_id[id(model.conv.weight)] == by_id[id(model.head.bias)] == 0.01
@@ -351,18 +349,6 @@ def test_init_weights_key_fine_tunes_a_fresh_run(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- evaluation hook
 
-def test_eval_hook_skips_with_one_line_when_module_missing(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(engine.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gains.evaluation" else find_spec(name, *a))
-    with caplog.at_level("INFO", logger="gains"):
-        result = run(tiny_cfg(tmp_path, "solver.max_iter=2", "test.eval_at_end=true"))
-    assert result.eval_results is None
-    assert caplog.text.count("evaluation module not available; skipped") == 1
-
-
-find_spec = engine.importlib.util.find_spec
-
-
 def test_eval_hook_calls_evaluate_model_without_disturbing_training(tmp_path, monkeypatch):
     calls = []
 
@@ -372,11 +358,8 @@ def test_eval_hook_calls_evaluate_model_without_disturbing_training(tmp_path, mo
         random.random()
         return {"segm": {"AP": 0.5}}
 
-    fake = types.ModuleType("gains.evaluation")
-    fake.__spec__ = ModuleSpec("gains.evaluation", None)
-    fake.evaluate_model = evaluate_model
     run(tiny_cfg(tmp_path / "plain", "solver.max_iter=4"))
-    monkeypatch.setitem(__import__("sys").modules, "gains.evaluation", fake)
+    monkeypatch.setattr(engine, "evaluate_model", evaluate_model)
     result = run(tiny_cfg(tmp_path / "eval", "solver.max_iter=4", "solver.eval_period=2",
                           "test.eval_at_end=true"))
     assert calls == [("val", "eval_0000002", False), ("val", "eval_0000004", False),

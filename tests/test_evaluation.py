@@ -135,7 +135,7 @@ def test_score_threshold_is_applied_before_scoring(rect_data, tmp_path):
 
 
 def test_evaluation_restores_train_mode_and_rejects_other_categories(rect_data, tmp_path):
-    from gains.coco import CategoryMap
+    from gains.annotations import CategoryMap
 
     cfg = rect_cfg(rect_data, "test.vis=0")
     model = PerfectModel(build_dataset(cfg, "test", is_train=False)).train()
@@ -295,9 +295,9 @@ def test_two_process_gloo_scores_every_image_exactly_once(rect_data, tmp_path):
 
 
 def test_overlays_draw_only_confident_detections(rect_data, tmp_path, monkeypatch):
-    import gains.visualize as visualize
+    import gains.evaluation as evaluation_module
     drawn = []
-    monkeypatch.setattr(visualize, "save_instance_panels", lambda image, panels, path, title="": drawn.append(panels))
+    monkeypatch.setattr(evaluation_module, "save_instance_panels", lambda image, panels, path, title="": drawn.append(panels))
     cfg = rect_cfg(rect_data, "test.vis=1", "test.vis_score_thresh=0.895")
     evaluate_model(PerfectModel(build_dataset(cfg, "test", is_train=False)), cfg, "test", tmp_path / "o")
     (gt_title, gt_masks), (pred_title, pred_masks) = drawn[0]

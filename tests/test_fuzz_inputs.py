@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 from conftest import ellipse, square, uncompressed_rle, write_png
 from gains.checkpoint import CheckpointError
-from gains.coco import DataError, load_coco
+from gains.annotations import DataError, load_coco
 from gains.config import ConfigError
 from gains.data import InstanceDataset
 from gains.evaluation import EvaluationError

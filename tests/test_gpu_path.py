@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from gains import engine, sampling
+from gains import engine, optim, precision, sampling, train_log, train_step
 from gains.alrm import anomaly_loss
 from gains.checkpoint import find_last_checkpoint, read_checkpoint
 from gains.config import ConfigError, load_config
-from gains.roi_heads import _TargetCrops, box_losses, crop_per_gt, mask_loss
+from gains.mask_head import TargetCrops, crop_per_gt, mask_loss
+from gains.roi_heads import box_losses
 from gains.sparse_maps import SparseMaps
 from test_engine import TinyDataset, TinyDetector, metrics_lines, tiny_cfg
 from test_model import make_sample, tiny_model
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.usefixtures("restore_global_state"),
 @pytest.fixture
 def device_guard(monkeypatch):
     """Run the engine with the CUDA step (device-side non-finite guard + fused SGD) on the CPU."""
-    monkeypatch.setattr(engine, "DEVICE_GUARD", True)
+    monkeypatch.setattr(train_step, "DEVICE_GUARD", True)
 
 
 def run(cfg, resume=False, **model_kwargs):
@@ -54,12 +55,12 @@ def same_weights(a: dict, b: dict) -> bool:
                                          ("true", "auto"), (1, "auto"), (0, "off"), ("bf16", "bf16"),
                                          ("BF16", "bf16"), ("fp16", "fp16"), ("float16", "fp16")])
 def test_amp_values(value, mode):
-    assert engine.parse_amp(value) == mode
+    assert precision.parse_amp(value) == mode
 
 
 def test_amp_bad_value_is_a_config_error_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"solver.amp must be false, true, bf16 or fp16, got 'int8'"):
-        engine.parse_amp("int8")
+        precision.parse_amp("int8")
     with pytest.raises(ConfigError, match="solver.amp"):
         run(tiny_cfg(tmp_path, "solver.amp=int8"))
     assert not (tmp_path / "model_final.pth").exists()
@@ -67,17 +68,17 @@ def test_amp_bad_value_is_a_config_error_before_training(tmp_path):
 
 def test_amp_resolution_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert engine.resolve_amp(False, cpu).dtype is None and engine.resolve_amp(True, cpu).dtype == torch.bfloat16
-    assert not engine.resolve_amp(True, cpu).use_scaler
+    assert precision.resolve_amp(False, cpu).dtype is None and precision.resolve_amp(True, cpu).dtype == torch.bfloat16
+    assert not precision.resolve_amp(True, cpu).use_scaler
     with pytest.warns(UserWarning, match="slower than bf16"):
-        assert engine.resolve_amp("fp16", cpu).use_scaler
+        assert precision.resolve_amp("fp16", cpu).use_scaler
     for native, auto in ((True, torch.bfloat16), (False, torch.float16)):  # Ampere+ vs older GPUs
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
-        amp = engine.resolve_amp(True, cuda)
+        amp = precision.resolve_amp(True, cuda)
         assert amp.dtype == auto and amp.use_scaler == (auto == torch.float16)
-        assert engine.resolve_amp("fp16", cuda).use_scaler and engine.resolve_amp(False, cuda).name == "fp32"
+        assert precision.resolve_amp("fp16", cuda).use_scaler and precision.resolve_amp(False, cuda).name == "fp32"
     with pytest.warns(UserWarning, match="emulated"):
-        assert engine.resolve_amp("bf16", cuda).dtype == torch.bfloat16
+        assert precision.resolve_amp("bf16", cuda).dtype == torch.bfloat16
     for old in ("solver.amp=false", "solver.amp=true"):  # old configs keep loading and validating
         engine.check_solver(load_config(None, [old]).solver)
 
@@ -103,14 +104,14 @@ def test_losses_are_float32_under_autocast():
 def test_cpu_bf16_step_of_the_real_model():
     model = tiny_model("gains").train()  # every loss, GA-weighted BCE and the anomaly branch included
     images, targets = zip(*[make_sample(seed=i, image_id=i) for i in range(2)])
-    amp = engine.resolve_amp("bf16", torch.device("cpu"))
-    optimizer = engine.build_optimizer(load_config(None), model)
+    amp = precision.resolve_amp("bf16", torch.device("cpu"))
+    optimizer = optim.build_optimizer(load_config(None), model)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    with engine.autocast(amp, torch.device("cpu")):
+    with precision.autocast(amp, torch.device("cpu")):
         losses = model(list(images), list(targets))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
     before = [p.detach().clone() for p in params]
-    engine.backward_and_step(sum(losses.values()), optimizer, torch.amp.GradScaler("cpu", enabled=False), params)
+    train_step.backward_and_step(sum(losses.values()), optimizer, torch.amp.GradScaler("cpu", enabled=False), params)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
@@ -118,7 +119,7 @@ def test_cpu_bf16_step_of_the_real_model():
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("guard", [False, True], ids=["host_check", "device_guard"])
 def test_amp_runs_resume_bitwise_with_the_scaler_state(tmp_path, monkeypatch, amp, guard):
-    monkeypatch.setattr(engine, "DEVICE_GUARD", guard)
+    monkeypatch.setattr(train_step, "DEVICE_GUARD", guard)
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_cfg(full, f"solver.amp={amp}"))
     with pytest.raises(KeyboardInterrupt):
@@ -182,7 +183,7 @@ def test_persistent_workers_resume_bitwise_with_the_device_guard(tmp_path, devic
 
 def test_device_guard_step_trains_like_the_host_check(tmp_path, monkeypatch):
     host = run(tiny_cfg(tmp_path / "host"))
-    monkeypatch.setattr(engine, "DEVICE_GUARD", True)
+    monkeypatch.setattr(train_step, "DEVICE_GUARD", True)
     device = run(tiny_cfg(tmp_path / "device"))
     for k, v in host.state_dict().items():  # fused vs for-each SGD: the same arithmetic up to rounding
         torch.testing.assert_close(device.state_dict()[k], v, rtol=1e-6, atol=1e-7)
@@ -220,17 +221,17 @@ def test_fused_sgd_skipped_first_step_leaves_clean_momentum():
     model, ref = nn.Linear(32, 8), nn.Linear(32, 8)
     ref.load_state_dict(model.state_dict())
     cfg = load_config(None, ["solver.base_lr=0.1"])
-    opt, opt_ref = engine.build_optimizer(cfg, model, fused=True), engine.build_optimizer(cfg, ref, fused=True)
-    engine.prepare_fused_sgd(opt, fused=True)
-    engine.prepare_fused_sgd(opt_ref, fused=True)
+    opt, opt_ref = optim.build_optimizer(cfg, model, fused=True), optim.build_optimizer(cfg, ref, fused=True)
+    optim.prepare_fused_sgd(opt, fused=True)
+    optim.prepare_fused_sgd(opt_ref, fused=True)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.randn(4, 32)
     params = list(model.parameters())
-    engine.backward_and_step(model(x).square().sum(), opt, scaler, params, skip=torch.tensor(True))
+    train_step.backward_and_step(model(x).square().sum(), opt, scaler, params, skip=torch.tensor(True))
     assert same_weights(model.state_dict(), ref.state_dict())
     assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
-    engine.backward_and_step(model(x).square().sum(), opt, scaler, params, skip=torch.tensor(False))
-    engine.backward_and_step(ref(x).square().sum(), opt_ref, scaler, list(ref.parameters()))
+    train_step.backward_and_step(model(x).square().sum(), opt, scaler, params, skip=torch.tensor(False))
+    train_step.backward_and_step(ref(x).square().sum(), opt_ref, scaler, list(ref.parameters()))
     assert same_weights(model.state_dict(), ref.state_dict())  # a skipped step is no step at all
 
 
@@ -253,7 +254,7 @@ def test_rpn_drops_nonfinite_proposals_in_eval_and_stops_in_cpu_training():
 
 def test_sparse_target_crops_from_a_host_copy_of_the_rois():
     """SparseMaps on another device than the RoIs are cropped from one host copy of all RoIs: the same crops."""
-    class FarMaps(SparseMaps):  # reports another device, so _TargetCrops takes its host path
+    class FarMaps(SparseMaps):  # reports another device, so TargetCrops takes its host path
         device = property(lambda self: torch.device("meta"))
 
     _, t1 = make_sample(seed=0)
@@ -269,9 +270,9 @@ def test_sparse_target_crops_from_a_host_copy_of_the_rois():
         dense.append(sm)
         far.append(FarMaps(sm.boxes, sm.patches, sm.size, sm.fill))
     want = torch.cat([crop_per_gt(m, b, i, 28) for m, b, i in zip(dense, boxes, gts)])
-    crops = _TargetCrops(boxes, gts, 28)
+    crops = TargetCrops(boxes, gts, 28)
     assert torch.equal(crops(far), want) and crops._host is not None
-    assert torch.equal(_TargetCrops(boxes, gts, 28)(dense), want)
+    assert torch.equal(TargetCrops(boxes, gts, 28)(dense), want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -280,25 +281,25 @@ def test_cuda_step_has_no_sync(tmp_path, monkeypatch):
     device = torch.device("cuda")
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
     model.to(device)
-    opt = engine.build_optimizer(load_config(None), model, fused=True)
-    engine.prepare_fused_sgd(opt, fused=True)
+    opt = optim.build_optimizer(load_config(None), model, fused=True)
+    optim.prepare_fused_sgd(opt, fused=True)
     params = [p for g in opt.param_groups for p in g["params"]]
     for amp in ("false", "fp16", "bf16"):
-        mode = engine.resolve_amp(amp, device)
+        mode = precision.resolve_amp(amp, device)
         scaler = torch.amp.GradScaler("cuda", enabled=mode.use_scaler)
-        guard, window = engine.NonFiniteGuard(device), engine.LossWindow()
+        guard, window = train_step.NonFiniteGuard(device), train_log.LossWindow()
         x = torch.randn(4, 3, 32, 32, device=device)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for it in range(3):
-                with engine.autocast(mode, device):
+                with precision.autocast(mode, device):
                     out = model(x).float()
                 losses = {"loss_a": out.square().mean(), "loss_b": out.abs().mean()}
                 names = tuple(sorted(losses))
                 values = torch.stack([losses[k].detach().float() for k in names])
                 skip = guard.update(it + 1, names, values)
-                engine.backward_and_step(sum(losses.values()), opt, scaler, params, 0.0, skip)
+                train_step.backward_and_step(sum(losses.values()), opt, scaler, params, 0.0, skip)
                 window.update(names, values)
         finally:
             torch.cuda.set_sync_debug_mode(0)

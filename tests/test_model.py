@@ -19,7 +19,8 @@ from gains.config import load_config
 from gains.model import MODES, build_model
 from gains.instances import CropMasks
 from gains.predictor import Predictor, paste_masks, paste_masks_to_crops, resized_shape
-from gains.roi_heads import aligned_roi_align, assign_levels, crop_per_gt, mask_loss
+from gains.mask_head import crop_per_gt, mask_loss
+from gains.roi_align import aligned_roi_align, assign_levels
 from gains.rpn import AnchorGenerator, rpn_losses
 
 # Most tests use frozen BN without weights on purpose (the fastest setting); its warning is tested once below.
@@ -244,7 +245,7 @@ def test_ga_aware_losses_by_hand():
     # the mode weights (0.75 with the branch, 1.0 without) come from build_model
     assert tiny_model("gains").roi_heads.mask_loss_weight == 0.75
     assert tiny_model("reweight_only").roi_heads.mask_loss_weight == 1.0
-    assert tiny_model("gains", 18, "model.alrm.mask_loss_weight=2.0").roi_heads.mask_loss_weight == 2.0
+    assert tiny_model("gains", 18, "model.roi_heads.mask_loss_weight=2.0").roi_heads.mask_loss_weight == 2.0
 
 
 def test_crop_per_gt_equals_per_roi_crops():

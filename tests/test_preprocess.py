@@ -47,7 +47,7 @@ def test_cli_writes_the_authors_maps(tmp_path, capsys, name, folder):
                                           ("nuclei_clusters", "anomap_ws8_f0.8_ol0.1")])
 def test_compact_layout_is_lossless_and_smaller(tmp_path, name, folder):
     """The default layout holds the very float32 maps of the authors' layout, in fewer bytes."""
-    from gains.coco import load_coco
+    from gains.annotations import load_coco
     from gains.ga_store import GAMapStore, GammParams, load_compact
 
     assert preprocess.main(fixture_args(name, tmp_path / "c", layout="compact")) == 0
@@ -171,7 +171,7 @@ def test_dataset_without_on_the_fly_asks_for_preprocess(tmp_path):
     _overlap_set(tmp_path)
     cfg = load_config(None, [f"data.root={tmp_path}", "model.num_classes=1", "gamm.target_category_id=1",
                              "gamm.on_the_fly=false"])
-    from gains.coco import DataError
+    from gains.annotations import DataError
     with pytest.raises(DataError, match="preprocess.py"):
         build_dataset(cfg, "train", is_train=True)[0]
 
@@ -213,7 +213,7 @@ def test_read_only_map_folder_shares_one_cache_across_workers(tmp_path, monkeypa
 
 
 def test_manifest_refuses_other_parameters_and_redoes_changed_images(tmp_path):
-    from gains.coco import DataError
+    from gains.annotations import DataError
 
     _overlap_set(tmp_path)
     base = [f"data.root={tmp_path}", "model.num_classes=1", "gamm.target_category_id=1"]

@@ -29,7 +29,7 @@ def test_deepfish_config_trains_from_a_read_only_data_folder(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("stardist") is None,
                     reason="stardist wheel not installed (pip install --no-deps stardist==0.9.2)")
 def test_dsb2018_config_loads_the_converted_sample(tmp_path):
-    from gains.convert import convert_dsb2018_sample
+    from gains.dataset_converters import convert_dsb2018_sample
     convert_dsb2018_sample(tmp_path / "dsb2018")
     cfg = load_config(ROOT / "configs/dsb2018_sample.yaml", [f"data.root={tmp_path / 'dsb2018'}"])
     dataset = build_dataset(cfg, "train", is_train=True)

@@ -12,7 +12,7 @@ from conftest import ellipse, write_coco
 from gains.config import load_config
 from gains.data import build_dataset
 from gains.model import build_model
-from gains.roi_heads import crop_per_gt
+from gains.mask_head import crop_per_gt
 from gains.sparse_maps import SparseMaps, linear_taps, nearest_taps
 from gains.transforms import RandomCrop, TrainTransform, crop, hflip, resize, rot90, vflip
 

@@ -1,5 +1,5 @@
 """Large synthetic fields: exact instance counts, evaluator-exact crop masks, really touching / overlapping
-nuclei, deterministic output, and a COCO writer that `gains.coco.load_coco` accepts."""
+nuclei, deterministic output, and a COCO writer that `gains.annotations.load_coco` accepts."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ import shapely
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from gains.coco import load_coco, segmentation_to_mask
+from gains.annotations import load_coco, segmentation_to_mask
 from gains.imageio import read_image_array
 from gains.instances import CropMasks
 from gains.synthetic_field import (
@@ -89,7 +89,7 @@ def test_layout_does_not_depend_on_dtype():
 
 # ---------------------------------------------------------------------------------------- masks
 def test_masks_equal_full_size_rasterisation(small):
-    """Every mask equals what the evaluator (gains.coco.segmentation_to_mask) makes of its polygon."""
+    """Every mask equals what the evaluator (gains.annotations.segmentation_to_mask) makes of its polygon."""
     assert np.array_equal(small.masks.dense(), _dense(small))
 
 

@@ -1,5 +1,6 @@
-"""Import detectron2 checkpoints (the authors' released GAInS models, plain Mask R-CNN) and MSRA ImageNet
-weights (caffe2 `R-50.pkl` / `R-101.pkl`) into this project's parameter names, without detectron2.
+"""What other frameworks call our parameters: the name maps of detectron2 checkpoints (the authors' released
+GAInS models, plain Mask R-CNN) and MSRA ImageNet weights (caffe2 `R-50.pkl` / `R-101.pkl`), and the conversion of
+their state dicts into ours, without detectron2. Whole files: gains/convert_checkpoint.py.
 
 detectron2 -> gains (`s` stage 2..5, `i` block, `j` conv, `n` 1..4, `l` level 2..5; `.norm.*` / `.bn*.*` are
 FrozenBatchNorm2d weight, bias, running_mean, running_var in both, eps 1e-5):
@@ -30,25 +31,18 @@ MSRA caffe2 -> torchvision ResNet: `conv1_w`, `res_conv1_bn_{s,b}` -> conv1.weig
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-import importlib
-import json
 import math
-import pickle
 import re
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from gains.backbone import RESNET_LAYERS, ResNetFPN
-from gains.checkpoint import CheckpointError, _names, make_checkpoint, save_checkpoint, torch_load_safely
-from gains.rpn import AnchorGenerator
+from .errors import CheckpointError
+from .weights_io import list_names
 
+# ResNet trunk per depth: (bottleneck blocks?, blocks in res2..res5); gains.backbone builds its nets from it.
+RESNET_BLOCKS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)), 50: (True, (3, 4, 6, 3)),
+                 101: (True, (3, 4, 23, 3))}
 NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
 MSRA_PIXEL_MEAN, MSRA_PIXEL_STD = [103.53, 116.28, 123.675], [1.0, 1.0, 1.0]
 D2_RESNET = "backbone.bottom_up."
@@ -67,52 +61,6 @@ class ConversionError(CheckpointError):
     """A foreign checkpoint does not convert cleanly; the message names every offending key."""
 
 
-# ----------------------------------------------------------------------------------------------- reading
-class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickles dicts of numpy arrays and nothing else (a .pkl from the internet runs no code)."""
-
-    SAFE = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-            ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-            ("numpy.core.numeric", "_frombuffer")}
-
-    def find_class(self, module: str, name: str):
-        module = module.replace("numpy._core", "numpy.core")
-        if (module, name) not in self.SAFE:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays are read)")
-        if module.startswith("numpy.core."):  # numpy 2 moved numpy.core to numpy._core; pickles name either
-            for mod in (module.replace("numpy.core", "numpy._core"), module):
-                with contextlib.suppress(ImportError):
-                    return getattr(importlib.import_module(mod), name)
-        return super().find_class(module, name)
-
-
-def read_foreign_weights(path: str | Path) -> tuple[dict, dict]:
-    """(state: name -> tensor (other values kept; converters ignore them by name), meta: `iteration` etc.)
-    of a detectron2 `.pth`/`.pkl` or MSRA `.pkl`; `.pth` via torch.load(weights_only=True), `.pkl` via an
-    unpickler that only builds numpy arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".pkl":
-            with open(path, "rb") as f:
-                obj = _NumpyUnpickler(f, encoding="latin1").load()
-        else:  # one line of ours on any failure; never torch's advice to load unsafely
-            obj = torch_load_safely(path, "a detectron2 / MSRA checkpoint (.pth or .pkl)", "weights file")
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    meta = {}
-    if isinstance(obj, dict):
-        meta = {k: obj[k] for k in ("iteration", "__author__", "matching_heuristics") if k in obj}
-        obj = next((obj[k] for k in ("model", "blobs") if isinstance(obj.get(k), dict)), obj)
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a dict of weights (detectron2 {{'model': ...}}, caffe2 "
-                              f"{{'blobs': ...}} or a flat dict), got {type(obj).__name__}")
-    return {str(k): torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in obj.items()}, meta
-
-
 def weights_format(state: dict) -> str:
     """'detectron2', 'caffe2' (MSRA names), 'gains' or 'unknown', judged from the key names."""
     if any(k.startswith((D2_RESNET, "stem.conv1.", "module.backbone.bottom_up.")) for k in state):
@@ -125,8 +73,7 @@ def weights_format(state: dict) -> str:
 # ----------------------------------------------------------------------------------------------- the map
 def _resnet_modules(depth: int) -> list[tuple[str, str, str]]:
     """(detectron2 conv module, our conv, our norm) for every conv of the ResNet trunk."""
-    block, layers = RESNET_LAYERS[depth]
-    bottleneck = block.__name__ == "Bottleneck"
+    bottleneck, layers = RESNET_BLOCKS[depth]
     out = [(f"{D2_RESNET}stem.conv1", "backbone.body.conv1", "backbone.body.bn1")]
     for s, n in enumerate(layers):
         for i in range(n):
@@ -169,7 +116,7 @@ def detectron2_key_map(depth: int, mask_head: str = "double", anomaly: bool = Tr
     return m
 
 
-def _normalise_names(state: dict) -> dict:
+def normalise_names(state: dict) -> dict:
     """Drop DDP `module.` prefixes; backbone-only detectron2 files (`stem.*`, `res2.*`, e.g. torchvision
     weights converted for detectron2) get the `backbone.bottom_up.` prefix of a full model."""
     if state and all(k.startswith("module.") for k in state):
@@ -183,15 +130,15 @@ def inspect_detectron2(state: dict) -> dict:
     """Structure of a detectron2 state dict: `depth`, `mask_head` ('double'/'plain'/None), `anomaly`,
     `guidance` (live layer index or None), `dead_guidance`, `num_anchors`, and `config`: the config values
     the tensors determine (dotted key -> value)."""
-    state = _normalise_names(state)
+    state = normalise_names(state)
     keys = list(state)
     counts = tuple(len({k.split(".")[3] for k in keys if k.startswith(f"{D2_RESNET}res{s}.")}) for s in range(2, 6))
     bottleneck = any(re.match(r"backbone\.bottom_up\.res\d\.\d+\.conv3\.", k) for k in keys)
-    depth = next((d for d, (b, layers) in RESNET_LAYERS.items()
-                  if tuple(layers) == counts and (b.__name__ == "Bottleneck") == bottleneck), None)
+    depth = next((d for d, (is_bottleneck, layers) in RESNET_BLOCKS.items()
+                  if tuple(layers) == counts and is_bottleneck == bottleneck), None)
     if depth is None:
         raise ConversionError(f"the ResNet trunk has {counts} blocks in res2..res5 (bottleneck={bottleneck}), "
-                              f"which is none of the depths {sorted(RESNET_LAYERS)}")
+                              f"which is none of the depths {sorted(RESNET_BLOCKS)}")
     mask_head = "double" if any(k.startswith(DOUBLE_MASK) for k in keys) else \
         "plain" if any(k.startswith(PLAIN_MASK) for k in keys) else None
     anomaly = any(k.startswith(ANOMALY) for k in keys)
@@ -232,16 +179,16 @@ class ConversionReport:
     def problems(self) -> list[str]:  # what makes a strict conversion fail
         named = [("unknown keys", self.unknown), ("missing keys", [f"{a} (-> {b})" for a, b in self.missing]),
                  ("shape mismatches", self.shape_mismatched), ("model keys nothing maps to", self.not_covered)]
-        return [f"{what} ({len(keys)}): {_names(keys)}" for what, keys in named if keys]
+        return [f"{what} ({len(keys)}): {list_names(keys)}" for what, keys in named if keys]
 
     def describe(self) -> str:
         lines = [f"{len(self.mapped)} tensors mapped from {self.source_format} names"]
         for reason in dict.fromkeys(r for _, r in self.ignored):
             names = [k for k, r in self.ignored if r == reason]
-            lines.append(f"ignored ({reason}), {len(names)}: {_names(names)}")
+            lines.append(f"ignored ({reason}), {len(names)}: {list_names(names)}")
         if self.filled:
             lines.append(f"BN statistics absent from the file, set to mean 0 / var 1 ({len(self.filled)}): "
-                         f"{_names(self.filled)}")
+                         f"{list_names(self.filled)}")
         return "\n".join(lines + self.problems)
 
 
@@ -284,7 +231,7 @@ def convert_detectron2_state_dict(d2_state: dict, *, num_classes: int | None = N
     unknown, missing or mis-shaped key raises ConversionError naming them all; otherwise they are in the
     report and the dict holds what converted. cls_score rows go from background-last to background-first.
     """
-    state = _normalise_names(d2_state)
+    state = normalise_names(d2_state)
     info = inspect_detectron2(state)
     implied = info["config"]
     if num_classes is not None and implied.get("model.num_classes", num_classes) != num_classes:
@@ -348,105 +295,10 @@ def resnet_state_from_foreign(state: dict) -> tuple[dict, ConversionReport]:
     if fmt == "caffe2":
         return _rename_all(state, CAFFE2_IGNORE, caffe2_resnet_name, fmt)
     if fmt != "detectron2":
-        raise ConversionError(f"neither MSRA caffe2 nor detectron2 names (first keys: {_names(list(state)[:5])})")
-    state = _normalise_names(state)
+        raise ConversionError(f"neither MSRA caffe2 nor detectron2 names (first keys: {list_names(list(state)[:5])})")
+    state = normalise_names(state)
     kmap = {d2: ours[len("backbone.body."):] for d2, ours in
             detectron2_key_map(inspect_detectron2(state)["depth"], anomaly=False).items()
             if ours.startswith("backbone.body.")}
     rules = IGNORE_RULES + [(re.compile(rf"^(?!{re.escape(D2_RESNET)})"), "not part of the ResNet trunk")]
     return _rename_all(state, rules, kmap.get, fmt)
-
-
-# ----------------------------------------------------------------------------------------------- whole files
-def check_config(cfg, info: dict, state: dict) -> tuple[list[str], list[str]]:
-    """(structural, numerics): `key=value (config: current)` settings the config needs to hold this
-    checkpoint, and to reproduce detectron2's numbers (BGR, MSRA mean/std or the file's own pixel_mean /
-    pixel_std, stride in the 1x1 conv, frozen BN)."""
-    def get(dotted):
-        return functools.reduce(lambda node, part: node[part], dotted.split("."), cfg)
-    family = {"gains": "gains", "branch_only": "gains"}  # modes with the anomaly branch
-    structural = [f"{k}={v} (config: {get(k)!r})" for k, v in info["config"].items()
-                  if (family.get(get(k), "mask_rcnn") != v if k == "model.mode" else get(k) != v)]
-    if info["num_anchors"] and info["num_anchors"] != len(cfg.model.rpn.aspect_ratios):
-        structural.append(f"model.rpn.aspect_ratios with {info['num_anchors']} ratios "
-                          f"(config: {list(cfg.model.rpn.aspect_ratios)})")
-    mean, std = (state.get(k) for k in ("pixel_mean", "pixel_std"))
-    want = {"model.input_format": "BGR", "model.backbone.stride_in_1x1": True, "model.backbone.norm": "frozen_bn",
-            "model.pixel_mean": [round(v, 4) for v in mean.flatten().tolist()] if mean is not None else MSRA_PIXEL_MEAN,
-            "model.pixel_std": [round(v, 4) for v in std.flatten().tolist()] if std is not None else MSRA_PIXEL_STD}
-    numerics = [f"{k}={json.dumps(v)} (config: {get(k)!r})" for k, v in want.items() if get(k) != v and not (
-        isinstance(v, list) and len(v) == len(get(k)) and all(abs(float(a) - b) < 1e-3 for a, b in zip(get(k), v)))]
-    cells = AnchorGenerator(cfg.model.rpn.anchor_sizes, cfg.model.rpn.aspect_ratios, ResNetFPN.strides).cell_anchors
-    for i, ours in enumerate(cells):  # detectron2's stored anchors, when the file has them
-        theirs = state.get(f"proposal_generator.anchor_generator.cell_anchors.{i}")
-        if torch.is_tensor(theirs) and not (theirs.shape == ours.shape and torch.allclose(theirs.double(), ours,
-                                                                                           atol=1e-2)):
-            numerics.append(f"model.rpn.anchor_sizes / aspect_ratios giving the level-{i} anchors {theirs.tolist()} "
-                            f"(config gives {ours.tolist()})")
-    return structural, numerics
-
-
-def category_map_from_config(cfg, num_classes: int) -> tuple[dict | None, str]:
-    """(category map, note) from the config's data json (test, val or train: the first that exists), or None
-    (evaluation then takes the json's categories in id order, as detectron2's load_coco_json does)."""
-    from gains.coco import CategoryMap
-    root = Path(cfg.data.root)
-    for key in ("test_json", "val_json", "train_json"):
-        path = root / cfg.data[key] if cfg.data.get(key) else None
-        if path is not None and path.is_file():
-            with open(path) as f:
-                cmap = CategoryMap.from_categories(json.load(f).get("categories") or [])
-            if cmap.num_classes != num_classes:
-                raise ConversionError(f"{path} declares {cmap.num_classes} categories {list(cmap.names)} but the "
-                                      f"checkpoint has {num_classes} classes: wrong data.root for this model?")
-            return cmap.to_dict(), f"category map from {path}: {dict(zip(cmap.names, cmap.json_ids))}"
-    return None, (f"no data json under data.root={root}: no category map stored; evaluation takes the json's "
-                  "categories in sorted id order (detectron2's order as well)")
-
-
-def convert_checkpoint(src, dst, cfg, *, allow_partial: bool = False,
-                       allow_config_mismatch: bool = False) -> tuple[ConversionReport, list[str]]:
-    """detectron2 checkpoint file -> gains checkpoint at `dst` (atomic): model built from `cfg` with the
-    converted weights, resolved config, category map, the source's iteration count. Returns (report, notes).
-
-    The config must describe the checkpoint (the error names each key to set) and reproduce detectron2's
-    input conventions (an error unless `allow_config_mismatch`). Unknown, missing or mis-shaped keys are
-    errors unless `allow_partial`, which keeps the fresh initialisation where the file has nothing (named).
-    """
-    from gains.model import build_model
-
-    state, meta = read_foreign_weights(src)
-    if weights_format(state) != "detectron2":
-        raise ConversionError(f"{src} has no detectron2 names (backbone.bottom_up.*, roi_heads.*; first keys: "
-                              f"{_names(list(state)[:5])}); MSRA ImageNet weights go in model.backbone.weights")
-    state = _normalise_names(state)
-    structural, numerics = check_config(cfg, inspect_detectron2(state), state)
-    if structural:
-        raise ConversionError(f"the config does not describe {src}; set: " + "; ".join(structural))
-    notes = []
-    if numerics:
-        msg = "the config does not reproduce detectron2's input/backbone conventions; set: " + "; ".join(numerics)
-        if not allow_config_mismatch:
-            raise ConversionError(msg + " (or pass --allow-config-mismatch to convert anyway)")
-        notes.append("WARNING: " + msg)
-    build_cfg = copy.deepcopy(cfg)
-    build_cfg.model.backbone.weights = None  # every weight comes from the checkpoint
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "frozen BN without ImageNet weights": they come from the file
-        model = build_model(build_cfg)
-    if "pixel_mean" not in state:
-        notes.append(f"no pixel_mean/pixel_std in the file: MSRA's {MSRA_PIXEL_MEAN} / {MSRA_PIXEL_STD}, BGR assumed")
-    converted, report = convert_detectron2_state_dict(state, num_classes=int(cfg.model.num_classes),
-                                                      mode=str(cfg.model.mode), reference=model.state_dict(),
-                                                      strict=not allow_partial)
-    kept = model.load_state_dict(converted, strict=False).missing_keys
-    if kept:
-        notes.append(f"WARNING: {len(kept)} tensors keep their fresh initialisation: {_names(kept)}")
-    cmap, note = category_map_from_config(cfg, int(cfg.model.num_classes))
-    notes.append(note)
-    iteration = int(meta["iteration"]) + 1 if "iteration" in meta else 0  # detectron2 stores the last index
-    ckpt = make_checkpoint(model, iteration=iteration, config=cfg, category_map=cmap)
-    ckpt["converted_from"] = {"path": str(src), "format": "detectron2", "report": report.describe()}
-    save_checkpoint(ckpt, dst)
-    return report, notes
-

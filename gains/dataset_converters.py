@@ -2,7 +2,7 @@
 
 A data set folder has the layout the configs use: ``out/{split}.json`` + ``out/{split}/<images>`` per split
 (train/val/test). It is written atomically (temp folder + rename, as gains.synthetic does) and checked with
-gains.coco.load_coco before the rename, so a folder that exists is one the loader accepts.
+gains.annotations.load_coco before the rename, so a folder that exists is one the loader accepts.
 Coordinates follow COCO: x right, y down, pixel (row r, col c) covers [c, c+1] x [r, r+1].
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from .coco import DataError, load_coco
+from .annotations import DataError, load_coco
 from .imageio import read_image_array, read_image_size
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -157,7 +157,7 @@ def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
                             f"{label.shape[0]}x{label.shape[1]}; they must match pixel for pixel")
         entries.append((image_path.name, label))
     return _labels_coco(entries, {"id": int(category_id), "name": category_name},
-                        "converted from instance label images by gains.convert", **options)
+                        "converted from instance label images by gains.dataset_converters", **options)
 
 
 def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None
@@ -292,7 +292,7 @@ def labelme_to_coco(json_paths: Sequence[str | os.PathLike], categories: Mapping
             warnings.warn(f"{len(items)} {what} ({', '.join(items[:5])}{' ...' if len(items) > 5 else ''})",
                           stacklevel=2)
     cats = [{"id": i, "name": n} for n, i in sorted(name_to_id.items(), key=lambda kv: kv[1])]
-    return ({"info": {"description": "converted from labelme by gains.convert"}, "images": images,
+    return ({"info": {"description": "converted from labelme by gains.dataset_converters"}, "images": images,
              "annotations": annotations, "categories": cats}, sources)
 
 

@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-
-class DataError(ValueError):
-    """Invalid data set input; the message names the file / image id / annotation id and the fix."""
+from .errors import DataError
+from .imageio import read_image_array, read_image_size
 
 
 @dataclass(frozen=True)
@@ -370,7 +369,6 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike, *, ski
         the image folder, polygons or boxes with non-finite coordinates or outside the image (module
         docstring: tolerance), malformed RLE (size, run lengths), a non-finite or negative area.
     """
-    from .imageio import read_image_array, read_image_size  # local: this module works without pillow/tifffile
 
     json_path, image_dir = Path(json_path), Path(image_dir)
     data = _read_json(json_path)

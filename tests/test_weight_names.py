@@ -1,4 +1,4 @@
-"""Import of detectron2 GAInS / Mask R-CNN checkpoints and MSRA caffe2 ImageNet weights (gains/convert_d2.py).
+"""Import of detectron2 GAInS / Mask R-CNN checkpoints and MSRA caffe2 ImageNet weights (gains/weight_names.py).
 
 The detectron2 and caffe2 state dicts are generated from OUR model's shapes through the inverse tables
 below, written independently of the converter's own map, with random values; every tensor must come back
@@ -6,7 +6,6 @@ where it started (cls_score rows reordered: detectron2 puts background last, we 
 """
 from __future__ import annotations
 
-import copy
 import pickle
 import re
 import warnings
@@ -16,9 +15,9 @@ import pytest
 import torch
 
 from gains.backbone import ResNetFPN
-from gains.checkpoint import CheckpointError, load_weights_for_finetune, main as checkpoint_main, read_checkpoint
+from gains.checkpoint import CheckpointError, load_weights_for_finetune, read_checkpoint
 from gains.config import load_config
-from gains.convert_d2 import ConversionError, convert_checkpoint, convert_detectron2_state_dict
+from gains.weight_names import ConversionError, convert_detectron2_state_dict
 from gains.model import build_model
 from test_evaluation import rect_dataset
 
@@ -26,7 +25,7 @@ SMALL = ["model.backbone.fpn_channels=16", "model.roi_heads.fc_dim=16", "model.r
          "device=cpu", "data.num_workers=0", "data.min_size_test=64", "data.max_size_test=64", "test.vis=0",
          "model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=50"]
 
-# ---- the inverse tables (ours -> detectron2), written out independently of gains/convert_d2.py
+# ---- the inverse tables (ours -> detectron2), written out independently of gains/weight_names.py
 STAGE = {"1": "res2", "2": "res3", "3": "res4", "4": "res5"}
 BLOCK_PART = {"conv1": "conv1", "bn1": "conv1.norm", "conv2": "conv2", "bn2": "conv2.norm", "conv3": "conv3",
               "bn3": "conv3.norm", "downsample.0": "shortcut", "downsample.1": "shortcut.norm"}
@@ -207,61 +206,3 @@ def test_msra_pkl_loads_into_the_backbone(tmp_path, caplog):
     evil.write_bytes(b"cos\nsystem\n(S'echo hi'\ntR.")
     with pytest.raises(CheckpointError, match="refusing to unpickle os.system"):
         read_checkpoint(evil)
-
-
-# ---- whole files: convert, save, load, evaluate
-def outputs(model, seed=0):
-    img = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model.eval()([img])[0]
-
-
-def test_converted_checkpoint_round_trip(gains_case, tmp_path):
-    from gains.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-    from gains.inference import load_for_inference
-
-    cfg, model, d2, expected = gains_case
-    src, dst = tmp_path / "model_final.pth", tmp_path / "converted.pth"
-    torch.save({"model": d2, "iteration": 19999}, src)
-    report, notes = convert_checkpoint(src, dst, cfg)
-    ckpt = read_checkpoint(dst)
-    assert ckpt["iteration"] == 20000 and ckpt["category_map"]["json_ids"] == [3, 7]
-    assert ckpt["converted_from"]["format"] == "detectron2" and any("category map" in n for n in notes)
-    direct = copy.deepcopy(model)
-    direct.load_state_dict(expected)
-    _, loaded, _ = load_for_inference(dst)
-    a, b = outputs(direct), outputs(loaded)
-    assert len(a["scores"]) > 0
-    for k in ("boxes", "scores", "labels", "masks"):
-        assert torch.equal(a[k], b[k]), k
-    save_checkpoint(make_checkpoint(loaded, iteration=1, config=cfg), tmp_path / "again.pth")
-    again = quiet_build(cfg)
-    load_checkpoint(tmp_path / "again.pth", again)
-    c = outputs(again)
-    assert all(torch.equal(a[k], c[k]) for k in ("boxes", "scores", "labels", "masks"))
-    with pytest.raises(CheckpointError, match="convert it first"):  # resuming/evaluating needs the conversion
-        load_checkpoint(src, again)
-    assert not load_weights_for_finetune(again, src).missing  # init_weights=model_final.pth converts on the fly
-    assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
-
-
-def test_cli_convert_then_evaluate(gains_case, tmp_path, capsys):
-    import test_evaluate_cli
-
-    cfg, _, d2, _ = gains_case
-    src, dst = tmp_path / "model_final.pth", tmp_path / "gains.pth"
-    torch.save({"model": d2}, src)
-    root = cfg.data.root
-    args = ["convert", str(src), str(dst), "--config", "configs/isbi_r50.yaml", f"data.root={root}", *SMALL]
-    assert checkpoint_main(args + ["model.num_classes=1"]) == 1
-    assert "set: model.num_classes=2" in capsys.readouterr().err and not dst.exists()
-    assert checkpoint_main(args + ["model.input_format=RGB"]) == 1
-    assert 'model.input_format="BGR"' in capsys.readouterr().err
-    assert checkpoint_main(args) == 0
-    printed = capsys.readouterr().out
-    assert "dead guidance layer" in printed and f"wrote {dst}" in printed
-    assert checkpoint_main(["inspect", str(src)]) == 0
-    assert "model.num_classes=2" in capsys.readouterr().out
-    out = tmp_path / "eval"
-    assert test_evaluate_cli.cli.main(["--ckpt", str(dst), "--out", str(out)]) == 0
-    assert (out / "metrics.json").is_file() and (out / "results_test.json").is_file()

@@ -18,8 +18,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from conftest import write_png
-from gains.coco import DataError, load_coco
-from gains.convert import (convert_dsb2018_sample, label_image_to_annotations, labelme_to_coco, labels_to_coco,
+from gains.annotations import DataError, load_coco
+from gains.dataset_converters import (convert_dsb2018_sample, label_image_to_annotations, labelme_to_coco, labels_to_coco,
                            pair_label_files, split_items, write_coco_dataset)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
