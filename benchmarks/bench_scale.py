@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,6 +50,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from machine import describe_machine  # noqa: E402  (benchmarks/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -108,27 +109,6 @@ def run_child(spec: dict, timeout: float = 1800) -> dict:
 def _set_threads(n: int) -> None:
     import torch
     torch.set_num_threads(int(n))
-
-
-def machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores{mem}, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -726,7 +706,7 @@ def main(argv=None) -> int:
     shown = ["python", "benchmarks/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]
     nice = os.nice(0)
     command = ("nice " if nice > 0 else "") + " ".join(shown)
-    parts = [f"Machine: {machine()}; torch threads {args.threads}; {datetime.datetime.now():%Y-%m-%d %H:%M}. "
+    parts = [f"Machine: {describe_machine()}; torch threads {args.threads}; {datetime.datetime.now():%Y-%m-%d %H:%M}. "
              f"Command: `{command}`" + (" (quick: sizes too small to mean anything)" if args.quick else "") + "."]
     titles = {1: "Training step memory and time vs instance count", 2: "GA map disk size: compact vs authors' layout",
               3: "Prediction of a whole field: tiled vs whole image"}

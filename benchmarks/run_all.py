@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe_machine  # noqa: E402  (benchmarks/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,20 +39,6 @@ BENCHMARKS = [
 SCALE = ("Scale: sparse targets, GA map layouts, tiled prediction", "bench_scale.py", [], ["--quick"])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
@@ -61,7 +48,7 @@ def main(argv=None) -> int:
 
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "") + (" --scale" if args.scale else "")
     parts = [f"## Benchmarks ({datetime.date.today().isoformat()})\n",
-             f"Machine: {machine()}. Command: `{command}`.\n"]
+             f"Machine: {describe_machine()}. Command: `{command}`.\n"]
     failed = 0
     for title, script, full, quick in BENCHMARKS + ([SCALE] if args.scale else []):
         start = time.perf_counter()

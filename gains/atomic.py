@@ -1,11 +1,13 @@
 """Atomic file writes: a temporary file beside the target, fsync, then rename, so readers never see half a
-file and a failure leaves the old file (or none) in place. No torch import: exports and map files use it."""
+file and a failure leaves the old file (or none) in place; folders (data sets) likewise. No torch import."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -40,3 +42,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """json.dump `obj` compactly into `path` atomically: readers never see half a file."""
     return write_text_atomic(path, json.dumps(obj, separators=(",", ":")))
+
+
+def atomic_folder(path: str | os.PathLike, fill_fn: Callable[[Path], None],
+                  already_done: Callable[[], bool] | None = None) -> Path:
+    """Build the folder `path` atomically: `fill_fn(tmp)` writes into a new sibling folder, which is then
+    renamed to `path` (an existing `path` is moved aside first and deleted after: a rename onto a non-empty
+    folder is refused). When another process created `path` in the meantime (a second rank) and
+    `already_done()` says its content is what was wanted, this copy is discarded. On any failure the
+    temporary folder is removed and `path` is left as it was. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        fill_fn(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                tmp.rename(path)
+            except OSError:  # created meanwhile by another process
+                if already_done is None or not already_done():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -44,7 +44,7 @@ TYPES = {
     "model.backbone.weights": "str | null",             # path of ImageNet weights
     "model.rpn.anchor_sizes": "list[float]",            # anchor sides in px may be fractional (2^(1/3) scales)
     "model.roi_heads.mask_loss_weight": "float | null",
-    "solver.amp": "bool | int | str",                   # false / true (0 / 1) / bf16 / fp16 (engine.parse_amp)
+    "solver.amp": "bool | int | str",                   # false / true (0 / 1) / bf16 / fp16 (precision.parse_amp)
     "test.detections_per_tile": "int | null",
 }
 

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+from .atomic import atomic_folder
 from .annotations import DataError, load_coco
 from .imageio import read_image_array, read_image_size
 
@@ -344,11 +344,7 @@ def write_coco_dataset(out_dir: str | os.PathLike, splits: Mapping[str, tuple[di
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or overwrite it "
                               "(overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         for split, (coco, images) in splits.items():
             if not isinstance(images, Mapping):
                 images = {Path(p).name: Path(p) for p in images}
@@ -363,16 +359,8 @@ def write_coco_dataset(out_dir: str | os.PathLike, splits: Mapping[str, tuple[di
             with open(tmp / f"{split}.json", "w") as f:
                 json.dump(coco, f, separators=(",", ":"))
             load_coco(tmp / f"{split}.json", tmp / split)
-        if out_dir.exists():  # a rename onto a non-empty folder is refused: move the old one aside first
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(out_dir, fill)
     return {f"{s}_{k}": out_dir / (f"{s}.json" if k == "json" else s) for s in splits for k in ("json", "images")}
 
 

@@ -142,6 +142,19 @@ def _writable_folder(folder: Path) -> bool:
         return False
 
 
+def _unreadable(path: Path, what: str, e: BaseException) -> DataError:
+    """The error for a map file that cannot be read (corrupt, truncated, not written by us)."""
+    return DataError(f"{path}: unreadable {what} ({type(e).__name__}: {e}); delete it or re-run preprocess.py "
+                     "with --overwrite")
+
+
+def _check_size(path: Path, what: str, found: tuple, record: ImageRecord) -> None:
+    """DataError unless a map file's (H, W) is the record's: such maps belong to other data or parameters."""
+    if tuple(found) != (record.height, record.width):
+        raise DataError(f"{path}: {what}, but image {record.image_id} is {(record.height, record.width)} in the "
+                        "json; the maps belong to other data or parameters — re-run preprocess.py with --overwrite")
+
+
 class GAMapStore:
     """Serves per-annotation GA maps for records; computes and caches missing ones when `on_the_fly`.
 
@@ -231,12 +244,8 @@ class GAMapStore:
         try:
             crops, size = load_compact(path)
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path}: unreadable GA map file of image {record.image_id} ({e}); delete it or "
-                            "re-run preprocess.py with --overwrite") from None
-        if size != (record.height, record.width):
-            raise DataError(f"{path}: GA maps of image {record.image_id} are for a {size} image, but the json "
-                            f"says {(record.height, record.width)}; the maps belong to other data — re-run "
-                            "preprocess.py with --overwrite")
+            raise _unreadable(path, f"GA map file of image {record.image_id}", e) from None
+        _check_size(path, f"GA maps of image {record.image_id} are for a {size} image", size, record)
         return crops
 
     def _read_npy(self, annotation_id: int, record: ImageRecord) -> Crop | None:
@@ -246,12 +255,8 @@ class GAMapStore:
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{path}: unreadable GA map for annotation {annotation_id} ({e}); delete it or "
-                            "re-run preprocess.py with --overwrite") from None
-        if array.shape != (record.height, record.width):
-            raise DataError(f"{path}: GA map of annotation {annotation_id} is {array.shape}, but image "
-                            f"{record.image_id} is {(record.height, record.width)}; the maps belong to other "
-                            "data or parameters — re-run preprocess.py with --overwrite")
+            raise _unreadable(path, f"GA map for annotation {annotation_id}", e) from None
+        _check_size(path, f"GA map of annotation {annotation_id} is {array.shape}", array.shape, record)
         return dense_to_crop(array.astype(np.float32, copy=False))
 
     def crops(self, record: ImageRecord, annotation_ids: list[int]) -> dict[int, Crop]:
@@ -306,13 +311,8 @@ class GAMapStore:
                     have = set(z["ann_ids"].tolist())
                     size = tuple(int(v) for v in z["image_size"])
             except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                raise DataError(f"{path}: unreadable GA map file of image {record.image_id} "
-                                f"({type(e).__name__}: {e}); delete it or re-run preprocess.py with "
-                                "--overwrite") from None
-            if size != (record.height, record.width):
-                raise DataError(f"{path}: GA maps of image {record.image_id} are for a {size} image, but the "
-                                f"json says {(record.height, record.width)}; the maps belong to other data — "
-                                "re-run preprocess.py with --overwrite")
+                raise _unreadable(path, f"GA map file of image {record.image_id}", e) from None
+            _check_size(path, f"GA maps of image {record.image_id} are for a {size} image", size, record)
         out = []
         for a in ids:
             if a in have:
@@ -324,12 +324,8 @@ class GAMapStore:
             try:
                 shape = np.load(npy, mmap_mode="r", allow_pickle=False).shape  # header only
             except (ValueError, OSError, EOFError) as e:
-                raise DataError(f"{npy}: unreadable GA map for annotation {a} ({type(e).__name__}: {e}); "
-                                "delete it or re-run preprocess.py with --overwrite") from None
-            if shape != (record.height, record.width):
-                raise DataError(f"{npy}: GA map of annotation {a} is {shape}, but image {record.image_id} is "
-                                f"{(record.height, record.width)}; the maps belong to other data or "
-                                "parameters — re-run preprocess.py with --overwrite")
+                raise _unreadable(npy, f"GA map for annotation {a}", e) from None
+            _check_size(npy, f"GA map of annotation {a} is {shape}", shape, record)
         return out
 
     def write_image_maps(self, record: ImageRecord, overwrite: bool = False) -> dict[int, Crop]:

@@ -7,7 +7,8 @@ Modes (`model.mode`, the four ablations of GAINS_METHOD.md §5):
 | reweight_only | yes             | no             | 1.0                      | yes        |
 | branch_only   | no              | yes            | 0.75                     | yes        |
 | gains         | yes             | yes            | 0.75                     | yes        |
-Modes without the branch do not create its parameters.
+Modes without the branch do not create its parameters. The mask loss weight is model.roi_heads.mask_loss_weight
+(null = the default of the table).
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""RoI heads: proposal sampling, box head and its loss, mask head and its loss (GAINS_METHOD.md §4-§5).
+"""RoI heads: proposal sampling, the box head and its loss, and the calls into the mask head (gains.mask_head)
+and the ALRM anomaly branch (gains.alrm) with their losses (GAINS_METHOD.md §4-§5).
 
 Numerics follow detectron2's StandardROIHeads: GT boxes appended to proposals, IoU 0.5 matching,
 512 RoIs/image at 25 % foreground, aligned RoIAlign (sampling_ratio 0) on P2-P5 with detectron2's level
 rule, two FC 1024 box head, class-specific deltas with weights (10, 10, 5, 5), box loss = CE (mean) +
 L1 summed over the foreground / number of sampled RoIs. Class index 0 is background, 1..K foreground.
-The pooler is gains.roi_align, the mask head and its loss gains.mask_head, the anomaly branch gains.alrm.
+RoIAlign pooling: gains.roi_align. `loss_mask` is weighted by `mask_loss_weight` (config
+model.roi_heads.mask_loss_weight), `loss_ga` by `ga_loss_weight` (model.alrm.ga_loss_weight).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ crops) and the RoI heads' target crops computing what the dense path computes, o
   `nearest` for masks, `bilinear` with align_corners=False for GA maps), so results match the dense path
   (masks bitwise, GA maps to float rounding);
 - `roi_crops` equals `roi_align(aligned=True, sampling_ratio=0)` of the dense map (what
-  `roi_heads.crop_per_gt` does) by aligning each ground truth's RoIs on a canvas that covers them plus a
+  `mask_head.crop_per_gt` does) by aligning each ground truth's RoIs on a canvas that covers them plus a
   margin, so the bilinear samples see the same pixels; equal up to float rounding of the sample positions.
 
 Conventions: pixel (row y, col x); boxes int64 (x0, y0, x1, y1), exclusive right/bottom, inside the image.

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from scipy import ndimage
 import shapely
 from shapely.geometry import Polygon
 from shapely.ops import unary_union
+
+from .atomic import atomic_folder
 
 SYNTHETIC_CATEGORIES = [{"id": 1, "name": "cell"}, {"id": 2, "name": "nucleus"}]
 SCENE_KINDS = ("cells", "rods", "blobs")
@@ -407,28 +407,10 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, *, num_train: int = 64, n
     if len(image_size) != 2 or min(image_size) < MIN_SIDE:
         raise ValueError(f"image_size must be (height, width) with both >= {MIN_SIDE}, got {image_size}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         for split_index, split in enumerate(SPLITS):
             _write_split(tmp, split_index, split, int(counts[split]), image_size, int(seed))
-        if out_dir.exists():
-            # move the old folder aside first: a rename onto a non-empty directory is not allowed
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                # another process (e.g. a second rank) finished first; its set is identical for this seed
-                if not all(paths[f"{s}_json"].is_file() for s in SPLITS):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # another process (e.g. a second rank) may finish first: its set is identical for this seed
+    atomic_folder(out_dir, fill, already_done=lambda: all(paths[f"{s}_json"].is_file() for s in SPLITS))
     return paths

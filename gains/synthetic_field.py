@@ -21,7 +21,7 @@ What a field holds:
 - Masks are the project evaluator's rasterisation of those very polygons (pycocotools, as in
   `gains.annotations.segmentation_to_mask`), computed on each instance's box only: the polygon is shifted by an
   integer offset into a small canvas. That shift is exact only because vertex coordinates whose scaled value
-  ``5 * x`` ends in .5 are nudged by 0.01 px (see `_snap`); without the nudge about one polygon in five
+  ``5 * x`` ends in .5 are nudged by 0.01 px (see `field_layout.snap`); without the nudge about one polygon in five
   rasterises differently once shifted.
 - The image is fluorescence-like: dark, unevenly lit background, bright textured nuclei whose rim is dimmer
   (so touching borders stay visible), intensities adding up where nuclei overlap, a Gaussian PSF blur, then
@@ -36,8 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,10 +43,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import shapely
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+from .atomic import atomic_folder
+from .field_layout import ASPECT, MARGIN, WOBBLE, place_nuclei, shared_pixels
 from .instances import CropMasks
 
 FIELD_CATEGORIES = [{"id": 1, "name": "nucleus"}]
@@ -56,16 +55,7 @@ DTYPES = ("uint8", "uint16")
 IMAGE_FORMATS = ("tif", "png")
 FORMAT_VERSION = 1
 
-_N_VERTICES = 32
-_ASPECT = (0.7, 1.0)         # minor / major axis
-_WOBBLE = 0.06               # amplitude of the 2nd radial harmonic; the 3rd and 4th are weaker
-_MARGIN = 1.0                # vertices stay >= 1 px inside the field, as in gains.synthetic
-_TOUCH_GAP = (0.2, 0.8)      # px between touching outlines
-_OVERLAP_DEPTH = (0.35, 0.8)  # how far (x smaller mean radius) an overlapping nucleus reaches into its partner
-_OVERLAP_AREA = (0.03, 0.6)  # accepted shared pixels / smaller mask area: a real overlap, not a swallow
 _MAX_COVERAGE = 0.5          # nuclei area / field area above which placement is refused up front
-_TRIES = 30                  # placements tried around a cluster before the cluster is closed
-_SEED_TRIES = 200            # positions tried for a cluster's first nucleus before giving up
 
 
 @dataclass
@@ -91,237 +81,6 @@ class Field:
 
     def __len__(self) -> int:
         return len(self.polygons)
-
-
-# ----------------------------------------------------------------------------------------------- shapes
-def _outlines(rng: np.random.Generator, n: int, radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """n wobbly ellipses centred on the origin: (float64 [n, 32, 2] xy, mean radii float64 [n]).
-
-    Semi-axes are r/sqrt(aspect) and r*sqrt(aspect), so the area is about pi r^2 whatever the aspect.
-    """
-    r = rng.uniform(radius[0], radius[1], n)
-    aspect = rng.uniform(*_ASPECT, n)
-    angle = rng.uniform(0.0, np.pi, n)
-    k = np.arange(2, 5)
-    amp = rng.uniform(0.0, _WOBBLE, (n, 3)) / (k - 1)  # higher harmonics weaker: smooth, no spikes
-    phase = rng.uniform(0.0, 2.0 * np.pi, (n, 3))
-    t = np.linspace(0.0, 2.0 * np.pi, _N_VERTICES, endpoint=False)
-    wobble = 1.0 + (amp[:, :, None] * np.cos(k[None, :, None] * t + phase[:, :, None])).sum(1)  # [n, K]
-    a, b = r / np.sqrt(aspect), r * np.sqrt(aspect)
-    ex, ey = a[:, None] * wobble * np.cos(t), b[:, None] * wobble * np.sin(t)
-    c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
-    return np.stack([ex * c - ey * s, ex * s + ey * c], axis=-1), r
-
-
-def _snap(xy: np.ndarray) -> np.ndarray:
-    """Round to 2 decimals and move values whose 5*x ends in .5 up by 0.01 px: float64, same shape.
-
-    pycocotools scales vertices by 5 and truncates 5*x + 0.5; at those values the truncation hinges on the
-    last bit of 5*x, which differs between x and x - offset. Elsewhere 5*x + 0.5 is >= 0.05 from an integer,
-    so rasterising a shifted polygon in a small canvas gives exactly the full-size mask, shifted.
-    """
-    cents = np.rint(np.asarray(xy, dtype=np.float64) * 100.0).astype(np.int64)
-    cents[cents % 20 == 10] += 1
-    return cents / 100.0
-
-
-def _support(outline: np.ndarray, u: np.ndarray) -> float:
-    """How far the outline [K, 2] reaches from its centre in direction u (unit [2]): max of vertex . u."""
-    return float((outline @ u).max())
-
-
-# ------------------------------------------------------------------------------------------ rasterising
-def _rasterise(polygon: np.ndarray, height: int, width: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
-    """pycocotools' mask of a polygon [K, 2] in an H x W image, computed on a canvas around its box only.
-
-    Returns ((x0, y0, x1, y1) exclusive box, bool [y1 - y0, x1 - x0] crop). The canvas reaches >= 1 px
-    beyond the vertices so pycocotools' clipping at the image border never acts where it would not at full
-    size.
-    """
-    x0 = max(int(math.floor(polygon[:, 0].min())) - 1, 0)
-    y0 = max(int(math.floor(polygon[:, 1].min())) - 1, 0)
-    x1 = min(int(math.ceil(polygon[:, 0].max())) + 2, width)
-    y1 = min(int(math.ceil(polygon[:, 1].max())) + 2, height)
-    local = polygon - np.array([x0, y0], dtype=np.float64)  # exact: an integer shift of a 2-decimal value
-    rle = mask_utils.frPyObjects([local.ravel().tolist()], y1 - y0, x1 - x0)
-    return (x0, y0, x1, y1), mask_utils.decode(rle)[:, :, 0].astype(bool)
-
-
-def _shared_pixels(box_a, crop_a, box_b, crop_b) -> int:
-    """Number of pixels two (box, crop) masks share."""
-    x0, y0 = max(box_a[0], box_b[0]), max(box_a[1], box_b[1])
-    x1, y1 = min(box_a[2], box_b[2]), min(box_a[3], box_b[3])
-    if x1 <= x0 or y1 <= y0:
-        return 0
-    a = crop_a[y0 - box_a[1]:y1 - box_a[1], x0 - box_a[0]:x1 - box_a[0]]
-    b = crop_b[y0 - box_b[1]:y1 - box_b[1], x0 - box_b[0]:x1 - box_b[0]]
-    return int(np.count_nonzero(a & b))
-
-
-# ---------------------------------------------------------------------------------------------- layout
-class _Layout:
-    """Nuclei placed so far, with a spatial hash of their centres for neighbour queries.
-
-    The hash cell is wider than any two nuclei's boxes can reach, so the 3 x 3 cells around a point hold
-    every nucleus whose box can meet a box centred there.
-    """
-
-    def __init__(self, height: int, width: int, reach: float):
-        self.height, self.width = height, width
-        self.cell = 2.0 * reach + 6.0
-        self.grid: dict[tuple[int, int], list[int]] = {}
-        self.centres: list[np.ndarray] = []
-        self.polygons: list[np.ndarray] = []
-        self.boxes: list[tuple] = []
-        self.crops: list[np.ndarray] = []
-        self.areas: list[int] = []
-        self.shapes: list = []  # shapely polygons, for the touching gap
-
-    def _key(self, centre) -> tuple[int, int]:
-        return int(centre[0] // self.cell), int(centre[1] // self.cell)
-
-    def near(self, centre) -> list[int]:
-        kx, ky = self._key(centre)
-        return [i for dx in (-1, 0, 1) for dy in (-1, 0, 1) for i in self.grid.get((kx + dx, ky + dy), ())]
-
-    def candidate(self, outline: np.ndarray, centre: np.ndarray):
-        """(polygon, box, crop) of an outline placed at centre, or None when a vertex leaves the field."""
-        polygon = _snap(outline + centre)
-        if (polygon.min() < _MARGIN or polygon[:, 0].max() > self.width - _MARGIN
-                or polygon[:, 1].max() > self.height - _MARGIN):
-            return None
-        box, crop = _rasterise(polygon, self.height, self.width)
-        return polygon, box, crop
-
-    def clashes(self, centre, box, crop, allowed: int = -1) -> bool:
-        """Whether the mask shares a pixel with any placed nucleus other than `allowed`."""
-        return any(i != allowed and _shared_pixels(box, crop, self.boxes[i], self.crops[i])
-                   for i in self.near(centre))
-
-    def add(self, centre, polygon, box, crop) -> int:
-        index = len(self.polygons)
-        self.centres.append(centre)
-        self.polygons.append(polygon)
-        self.boxes.append(box)
-        self.crops.append(crop)
-        self.areas.append(int(np.count_nonzero(crop)))
-        self.shapes.append(shapely.Polygon(polygon))
-        self.grid.setdefault(self._key(centre), []).append(index)
-        return index
-
-
-def _place_seed(rng, layout: _Layout, outline: np.ndarray):
-    """First nucleus of a cluster: a uniform position clear of every placed nucleus, or None."""
-    reach = float(np.abs(outline).max()) + _MARGIN + 0.01
-    for _ in range(_SEED_TRIES):
-        centre = rng.uniform([reach, reach], [layout.width - reach, layout.height - reach])
-        cand = layout.candidate(outline, centre)
-        if cand is not None and not layout.clashes(centre, cand[1], cand[2]):
-            return centre, cand
-    return None
-
-
-def _place_touching(layout: _Layout, outline: np.ndarray, partner: int, u: np.ndarray, gap: float):
-    """Outline touching `partner` on its side u, clear of every placed nucleus: (centre, candidate) or None.
-
-    Placing the centre at support(partner, u) + support(new, -u) + gap separates the two outlines by a
-    line normal to u; one step along -u by (true distance - gap) then closes the remaining gap, which stays
-    >= gap because a step of length s changes the distance by at most s.
-    """
-    base = layout.centres[partner]
-    partner_outline = layout.polygons[partner] - base
-    centre = base + u * (_support(partner_outline, u) + _support(outline, -u) + gap)
-    distance = shapely.distance(shapely.Polygon(outline + centre), layout.shapes[partner])
-    if distance > gap + 0.05:
-        centre = centre - u * (distance - gap)
-    for widen in (0.0, 0.4, 0.8):  # pixel quantisation can still join the masks: back off a little
-        moved = centre + u * widen
-        cand = layout.candidate(outline, moved)
-        if cand is None:
-            return None
-        if not layout.clashes(moved, cand[1], cand[2]):
-            return moved, cand
-        if layout.clashes(moved, cand[1], cand[2], allowed=partner):
-            return None  # blocked by another nucleus: backing off from the partner will not help
-    return None
-
-
-def _place_overlapping(layout: _Layout, outline: np.ndarray, r_new: float, partner: int, r_partner: float,
-                       u: np.ndarray, depth: float):
-    """Outline reaching depth * min radius into `partner` and clear of every other nucleus, or None."""
-    base = layout.centres[partner]
-    partner_outline = layout.polygons[partner] - base
-    reach = _support(partner_outline, u) + _support(outline, -u) - depth * min(r_new, r_partner)
-    centre = base + u * reach
-    cand = layout.candidate(outline, centre)
-    if cand is None or layout.clashes(centre, cand[1], cand[2], allowed=partner):
-        return None
-    shared = _shared_pixels(cand[1], cand[2], layout.boxes[partner], layout.crops[partner])
-    smaller = min(layout.areas[partner], int(np.count_nonzero(cand[2])))
-    if not _OVERLAP_AREA[0] * smaller <= shared <= _OVERLAP_AREA[1] * smaller:
-        return None
-    return centre, cand
-
-
-def _layout(rng: np.random.Generator, height: int, width: int, num_instances: int, radius, overlap_fraction,
-            cluster_size) -> tuple[_Layout, np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """Grow clusters until num_instances nuclei are placed.
-
-    Returns (layout, partner int64 [N], cluster int64 [N], overlapping pairs). The overlap budget is spent
-    with probability (pairs still wanted) / (nuclei still to place), so the count lands close to the target
-    even when some tries fail.
-    """
-    outlines, radii = _outlines(rng, num_instances, radius)
-    reach = float(np.abs(outlines).max(initial=0.0)) * math.sqrt(2.0) + 2.0
-    layout = _Layout(height, width, reach)
-    partner = np.full(num_instances, -1, dtype=np.int64)
-    cluster = np.zeros(num_instances, dtype=np.int64)
-    pairs: list[tuple[int, int]] = []
-    in_pair = np.zeros(num_instances, dtype=bool)
-    wanted_pairs = int(round(overlap_fraction * num_instances / 2.0))
-    members: list[int] = []
-    cluster_target, cluster_index = 0, -1
-    for k in range(num_instances):
-        placed = None
-        if len(members) < cluster_target:
-            want_overlap = rng.random() < (wanted_pairs - len(pairs)) / (num_instances - k)
-            placed = _grow(rng, layout, outlines[k], radii, members, in_pair, want_overlap)
-        if placed is None:  # cluster full or closed: start a new one
-            cluster_index += 1
-            cluster_target = int(rng.integers(cluster_size[0], cluster_size[1] + 1))
-            members = []
-            seed = _place_seed(rng, layout, outlines[k])
-            if seed is None:
-                raise ValueError(
-                    f"could only place {k} of {num_instances} nuclei (radius {radius[0]:g}..{radius[1]:g} px) "
-                    f"in the {height}x{width} field; use a larger field or fewer or smaller nuclei")
-            placed = (-1, False, *seed)
-        j, overlapping, centre, (polygon, box, crop) = placed
-        index = layout.add(centre, polygon, box, crop)
-        partner[index], cluster[index] = j, cluster_index
-        if overlapping:
-            pairs.append((j, index))
-            in_pair[[j, index]] = True
-        members.append(index)
-    return layout, partner, cluster, pairs
-
-
-def _grow(rng, layout, outline, radii, members, in_pair, want_overlap):
-    """Try to attach the next nucleus to its cluster: (partner, overlapping, centre, candidate) or None."""
-    k = len(layout.polygons)
-    for _ in range(_TRIES):
-        u = rng.uniform(0.0, 2.0 * np.pi)
-        u = np.array([math.cos(u), math.sin(u)])
-        free = [m for m in members if not in_pair[m]]
-        if want_overlap and free:
-            j = free[int(rng.integers(len(free)))]
-            got = _place_overlapping(layout, outline, radii[k], j, radii[j], u, rng.uniform(*_OVERLAP_DEPTH))
-        else:
-            j = members[int(rng.integers(len(members)))]
-            got = _place_touching(layout, outline, j, u, rng.uniform(*_TOUCH_GAP))
-        if got is not None:
-            return j, want_overlap and bool(free), *got
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- pixels
@@ -388,12 +147,12 @@ def _check_args(height, width, num_instances, radius, overlap_fraction, cluster_
     if np.dtype(dtype).name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     # the largest nucleus: semi-major axis r / sqrt(min aspect), times the wobble's largest swing
-    extent = 2.0 * radius[1] / math.sqrt(_ASPECT[0]) * (1.0 + _WOBBLE * (1 + 1 / 2 + 1 / 3)) + 2 * _MARGIN + 2
+    extent = 2.0 * radius[1] / math.sqrt(ASPECT[0]) * (1.0 + WOBBLE * (1 + 1 / 2 + 1 / 3)) + 2 * MARGIN + 2
     if num_instances and min(height, width) < extent:
         raise ValueError(f"a {height}x{width} field is too small for nuclei of radius up to {radius[1]:g} px: "
                          f"both sides must be >= {math.ceil(extent)}")
     mean_area = np.pi * (radius[0] ** 2 + radius[0] * radius[1] + radius[1] ** 2) / 3.0  # E[pi r^2]
-    coverage = num_instances * mean_area / ((height - 2 * _MARGIN) * (width - 2 * _MARGIN))
+    coverage = num_instances * mean_area / ((height - 2 * MARGIN) * (width - 2 * MARGIN))
     if coverage > _MAX_COVERAGE:
         raise ValueError(f"{num_instances} nuclei of radius {radius[0]:g}..{radius[1]:g} px (about "
                          f"{mean_area:.0f} px^2 each) would cover {coverage:.0%} of the {height}x{width} field; "
@@ -437,7 +196,7 @@ def make_field(height: int, width: int, num_instances: int, *, seed: int | Seque
     height, width, num_instances, radius, overlap_fraction, cluster_size, dtype = _check_args(
         height, width, num_instances, radius, overlap_fraction, cluster_size, dtype)
     entropy = _entropy(seed)
-    layout, partner, cluster, pairs = _layout(np.random.default_rng([*entropy, 0]), height, width,
+    layout, partner, cluster, pairs = place_nuclei(np.random.default_rng([*entropy, 0]), height, width,
                                               num_instances, radius, overlap_fraction, cluster_size)
     masks = CropMasks.from_crops(np.array(layout.boxes, dtype=np.int64).reshape(-1, 4), layout.crops,
                                  (height, width), tighten=True)
@@ -491,14 +250,14 @@ def contact_stats(field: Field, max_gap: int = 1) -> dict[str, float]:
     touching, overlapping = np.zeros(n, bool), np.zeros(n, bool)  # a nucleus may be both
     for i, j in neighbour_pairs(masks, max_gap).tolist():
         box_i, box_j = masks.boxes[i].tolist(), masks.boxes[j].tolist()
-        if _shared_pixels(box_i, masks.crops[i], box_j, masks.crops[j]):
+        if shared_pixels(box_i, masks.crops[i], box_j, masks.crops[j]):
             overlapping[[i, j]] = True
             continue
         x0, y0, x1, y1 = box_i
         grown = ndimage.binary_dilation(np.pad(masks.crops[i], max_gap), np.ones((3, 3), bool),
                                         iterations=int(max_gap))
-        # the grown crop's box may stick out of the image; _shared_pixels only reads where both boxes are
-        if _shared_pixels((x0 - max_gap, y0 - max_gap, x1 + max_gap, y1 + max_gap), grown, box_j, masks.crops[j]):
+        # the grown crop's box may stick out of the image; shared_pixels only reads where both boxes are
+        if shared_pixels((x0 - max_gap, y0 - max_gap, x1 + max_gap, y1 + max_gap), grown, box_j, masks.crops[j]):
             touching[[i, j]] = True
     if n == 0:
         return {"touching": 0.0, "overlapping": 0.0, "in_contact": 0.0}
@@ -595,28 +354,12 @@ def write_field_dataset(root: str | os.PathLike, *,
     if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root} exists but does not hold this field data set (same splits and "
                               f"arguments); pass overwrite=True to replace it or choose another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = root.parent / f".{root.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         for split, count in splits.items():
             _write_split(tmp, split, int(count), int(seed), image_format, field_args)
-        if root.exists():  # a rename onto a non-empty folder is not allowed: move the old one aside first
-            old = root.parent / f".{root.name}.old-{tag}"
-            root.rename(old)
-            tmp.rename(root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(root)
-            except OSError:  # another process finished first; its set is identical for these arguments
-                if not _matches(root, splits, seed, image_format, field_args):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # another process may finish first: its set is identical for these arguments
+    atomic_folder(root, fill, already_done=lambda: _matches(root, splits, seed, image_format, field_args))
     return paths
 
 

@@ -5,10 +5,10 @@ matplotlib with the Agg backend (no screen needed); every figure is written atom
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 
 def pyplot():
@@ -19,16 +19,7 @@ def pyplot():
 
 
 def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 100) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
 
 
 def instance_colors(n: int, seed: int = 0) -> np.ndarray:

@@ -16,8 +16,9 @@ from scipy import ndimage
 from gains.annotations import load_coco, segmentation_to_mask
 from gains.imageio import read_image_array
 from gains.instances import CropMasks
+from gains.field_layout import rasterise, snap
 from gains.synthetic_field import (
-    FIELD_CATEGORIES, _rasterise, _snap, contact_stats, field_label_image, make_field, neighbour_pairs,
+    FIELD_CATEGORIES, contact_stats, field_label_image, make_field, neighbour_pairs,
     write_field_dataset)
 
 
@@ -108,7 +109,7 @@ def test_large_field_masks_equal_full_size_rasterisation(large):
 
 
 def test_shifted_canvas_is_exact_only_with_snapping():
-    """Why `_snap` exists: pycocotools truncates 5*x + 0.5, whose last bit changes when x is shifted; with
+    """Why `snap` exists: pycocotools truncates 5*x + 0.5, whose last bit changes when x is shifted; with
     vertices kept off 5*x = k + 0.5 the bbox-canvas rasterisation equals the full-size one, without it
     it does not (about one polygon in five)."""
     rng = np.random.default_rng(7)
@@ -119,8 +120,8 @@ def test_shifted_canvas_is_exact_only_with_snapping():
         centre = rng.uniform(30.0, 4066.0, 2)
         raw = centre + rng.uniform(5.0, 15.0) * np.stack([np.cos(t), rng.uniform(0.7, 1.0) * np.sin(t)], 1)
         for snapped in (True, False):
-            polygon = _snap(raw) if snapped else np.round(raw, 2)
-            box, crop = _rasterise(polygon, height, width)
+            polygon = snap(raw) if snapped else np.round(raw, 2)
+            box, crop = rasterise(polygon, height, width)
             rle = CropMasks(np.array([box]), [crop], (height, width)).to_rles()[0]
             mismatches[snapped] += rle["counts"] != _full_rle(polygon, height, width)["counts"]
     assert mismatches[True] == 0
@@ -129,7 +130,7 @@ def test_shifted_canvas_is_exact_only_with_snapping():
 
 def test_snap_moves_at_most_a_hundredth():
     x = np.random.default_rng(0).uniform(0, 5000, 10000)
-    snapped = _snap(x)
+    snapped = snap(x)
     assert np.abs(snapped - np.round(x, 2)).max() <= 0.0100001
     # pycocotools' (int)(5x + 0.5) is then never a near-tie that the last bit of 5x could flip
     frac = (5.0 * snapped + 0.5) % 1.0
