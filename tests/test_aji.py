@@ -1,13 +1,19 @@
-"""AJI family (gains.metrics): fixtures, the worked table of METRICS.md §4, mode relations."""
+"""AJI family (gains/aji.py): fixtures, the worked table of METRICS.md §4, mode relations, and
+instance_metrics (the gains.metrics facade) sharing one intersection pass with them.
+
+Oracles: the expected values of fixtures/metrics/aji_cases.json (a reference AJI implementation checked
+against the authors' evaluator, fixtures/metrics/README.md) and the worked table WORKED below.
+"""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gains.metrics import (aji, aji_gains_image, aji_image, aji_kumar, aji_kumar_image, aji_plus,
-                           aji_plus_image, evaluate_instances, greedy_aji_matches, instance_metrics,
-                           pairwise_intersections)
+from gains.aji import (aji, aji_gains_image, aji_image, aji_kumar, aji_kumar_image, aji_plus, aji_plus_image,
+                       greedy_aji_matches)
+from gains.average_precision import evaluate_instances, pairwise_intersections
+from gains.metrics import instance_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 DATASETS = json.loads((FIXTURES / "aji_cases.json").read_text())["datasets"]
