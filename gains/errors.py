@@ -16,3 +16,7 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names the keys."""
+
+
+class EvaluationError(ValueError):
+    """Invalid evaluation input (results or ground truth); the message names the ids and the fix."""

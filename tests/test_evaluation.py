@@ -21,9 +21,9 @@ from conftest import square, write_coco
 from gains import dist
 from gains.config import load_config
 from gains.data import build_dataset
-from gains.evaluation import (EvaluationError, MetricAccumulator, cell_nuclei_pair, evaluate_model,
-                              evaluate_results, format_table, gt_instances)
+from gains.evaluation import EvaluationError, evaluate_model, evaluate_results, format_table, gt_instances
 from gains.inference import postprocess, shard_indices
+from gains.scoring import MetricAccumulator, cell_nuclei_pair
 from gains.metrics import evaluate_instances, instance_metrics
 from gains.transforms import masks_to_boxes
 

@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 
 from conftest import ellipse, square, write_coco
 from gains.data import build_dataset
-from gains.evaluation import MetricAccumulator, evaluate_model, evaluate_results
+from gains.evaluation import evaluate_model, evaluate_results
+from gains.scoring import MetricAccumulator
 from gains.instances import CropMasks
 from gains.metrics import evaluate_instances, instance_metrics
 from gains.cto import stratified_metrics

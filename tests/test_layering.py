@@ -23,7 +23,7 @@ LAYERS = {
     "model": ["backbone", "rpn", "roi_align", "mask_head", "alrm", "roi_heads", "model", "checkpoint",
               "convert_checkpoint"],
     "inference": ["tiling", "predictor", "exports", "inference"],
-    "evaluation": ["evaluation"],
+    "evaluation": ["scoring", "evaluation"],
     "training": ["optim", "train_log", "train_step", "engine"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
