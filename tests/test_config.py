@@ -79,3 +79,22 @@ def test_dump_roundtrip(tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(CONFIG_DIR).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+def test_moved_key_still_loads_with_a_warning(tmp_path):
+    """model.alrm.mask_loss_weight moved to model.roi_heads.mask_loss_weight: old files, overrides and the
+    configs saved in old checkpoints keep working, each with one FutureWarning naming both keys."""
+    old = tmp_path / "old.yaml"
+    old.write_text("_base_: " + str(CONFIG_DIR / "base.yaml") + "\nmodel:\n  alrm:\n    mask_loss_weight: 0.5\n")
+    with pytest.warns(FutureWarning, match=r"model\.alrm\.mask_loss_weight is now model\.roi_heads\.mask_loss_weight"):
+        cfg = load_config(old)
+    assert cfg.model.roi_heads.mask_loss_weight == 0.5 and "mask_loss_weight" not in cfg.model.alrm
+    with pytest.warns(FutureWarning, match="command-line override"):
+        cfg = load_config(None, ["model.alrm.mask_loss_weight=2.0"])
+    assert cfg.model.roi_heads.mask_loss_weight == 2.0
+    saved = load_config(None).to_dict()  # a checkpoint's config written before the move
+    saved["model"]["alrm"]["mask_loss_weight"] = saved["model"]["roi_heads"].pop("mask_loss_weight")
+    saved["model"]["alrm"]["mask_loss_weight"] = 0.25
+    dump_config(saved, tmp_path / "saved.yaml")
+    with pytest.warns(FutureWarning):
+        assert load_config(tmp_path / "saved.yaml").model.roi_heads.mask_loss_weight == 0.25

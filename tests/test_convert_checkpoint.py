@@ -67,3 +67,14 @@ def test_cli_convert_then_evaluate(gains_case, tmp_path, capsys):
     out = tmp_path / "eval"
     assert test_evaluate_cli.cli.main(["--ckpt", str(dst), "--out", str(out)]) == 0
     assert (out / "metrics.json").is_file() and (out / "results_test.json").is_file()
+
+
+def test_cli_says_what_the_conversion_needs(tmp_path, capsys):
+    for args, needs in ((["--from-detectron2", str(tmp_path / "m.pth")], "needs --config CONFIG"),
+                        (["--inspect-weights", "a.pth", "model.num_classes=2"], "go with --from-detectron2"),
+                        (["--from-detectron2", "a.pth", "--inspect-weights", "a.pth"], "use one of")):
+        with pytest.raises(SystemExit) as stop:
+            checkpoint_main(args)
+        assert stop.value.code == 2 and needs in capsys.readouterr().err
+    assert checkpoint_main(["--inspect-weights", str(tmp_path / "none.pth")]) == 1
+    assert "weights file not found" in capsys.readouterr().err
