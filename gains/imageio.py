@@ -50,10 +50,23 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
         if _is_data_error(e):
             raise
         raise _unreadable(path, e, "read the image header") from None
+    except Exception as e:  # noqa: BLE001 - PIL.Image.DecompressionBombError derives from Exception only
+        raise _too_large(path, e) if _is_decompression_bomb(e) else e
 
 
 def _is_data_error(e: BaseException) -> bool:
     return isinstance(e, DataError)
+
+
+def _is_decompression_bomb(e: BaseException) -> bool:
+    return type(e).__name__ == "DecompressionBombError"
+
+
+def _too_large(path: Path, e: BaseException) -> DataError:
+    """PIL refuses PNG/JPEG files above 2 x Image.MAX_IMAGE_PIXELS (a guard against hostile web images);
+    whole-slide fields can be that large, and TIFFs (read with tifffile) have no such limit."""
+    return DataError(f"{path}: {str(e).splitlines()[0][:200]} (PIL's limit for PNG/JPEG files); save the field "
+                     "as TIFF (no such limit; prediction tiles it), or split it into smaller images")
 
 
 def _hw_from_shape(shape: tuple, path: Path) -> tuple[int, int]:
@@ -92,6 +105,8 @@ def read_image_array(path: str | os.PathLike) -> np.ndarray:
         if _is_data_error(e):
             raise
         raise _unreadable(path, e, "decode the image") from None
+    except Exception as e:  # noqa: BLE001 - PIL.Image.DecompressionBombError derives from Exception only
+        raise _too_large(path, e) if _is_decompression_bomb(e) else e
     if array.dtype == object:  # numpy's fallback when PIL's array interface failed
         raise _unreadable(path, OSError("no pixel array"), "decode the image")
     _hw_from_shape(array.shape, path)

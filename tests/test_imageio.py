@@ -42,3 +42,19 @@ def test_percentile_normalisation_stretches_dim_16bit():
     assert float(to_float_rgb(dim).max()) < 0.07  # /65535 leaves it nearly black
     stretched = to_float_rgb(dim, "percentile")
     assert float(stretched.max()) == 1.0 and float(stretched.min()) == 0.0
+
+
+def test_png_above_pils_pixel_limit_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
+    """PIL refuses PNG/JPEG files above 2 x MAX_IMAGE_PIXELS with its own exception type (not an OSError);
+    the loader names the file and says to use TIFF. Tested with the limit lowered, not with a huge file."""
+    from PIL import Image
+
+    from gains.errors import DataError
+    from gains.imageio import read_image_array, read_image_size
+
+    path = tmp_path / "field.png"
+    write_png(path, np.zeros((64, 64), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2 x 1000
+    for read in (read_image_size, read_image_array):
+        with pytest.raises(DataError, match=r"field\.png: .*decompression bomb.*save the field as TIFF"):
+            read(path)
