@@ -24,9 +24,7 @@ from pathlib import Path
 
 from gains import dist
 from gains.cli_errors import one_line
-from gains.checkpoint import CheckpointError
-from gains.annotations import DataError
-from gains.config import ConfigError
+from gains.errors import CheckpointError, ConfigError, DataError, EvaluationError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,8 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _read_json(path: Path, what: str):
-    from gains.evaluation import EvaluationError
-
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
@@ -108,8 +104,6 @@ def run_model(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gains.evaluation import EvaluationError
-
     rank = int(os.environ.get("RANK", 0))  # known before the process group exists
     try:
         if args.gt:

@@ -16,8 +16,8 @@ import sys
 
 from gains import dist
 from gains.cli_errors import one_line
-from gains.checkpoint import CheckpointError
-from gains.config import ConfigError, load_config
+from gains.config import load_config
+from gains.errors import CheckpointError, ConfigError, DataError, EvaluationError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    from gains.annotations import DataError
-    from gains.engine import train
-    from gains.evaluation import EvaluationError
+    from gains.engine import train  # here: the model stack loads after the arguments are checked
     try:
         train(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, DataError, EvaluationError, FloatingPointError) as e:
