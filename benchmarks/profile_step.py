@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from gains.checkpoint import read_checkpoint
+    from gains.checkpoint import load_weights_for_finetune
     from gains.config import load_config
     from gains.data import build_dataset
     from gains.model import build_model
@@ -63,11 +63,9 @@ def main(argv=None) -> int:
     torch.manual_seed(int(cfg.seed))
     dataset = build_dataset(cfg, "train", is_train=True)
     model = build_model(cfg).train()
-    if args.weights:
-        own, saved = model.state_dict(), read_checkpoint(args.weights)["model"]
-        fits = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(fits, strict=False)
-        print(f"weights: {len(fits)} of {len(own)} tensors from {args.weights}\n")
+    if args.weights:  # every tensor whose name and shape fit, as init_weights does
+        report = load_weights_for_finetune(model, args.weights)
+        print(f"weights: {len(report.loaded)} of {len(model.state_dict())} tensors from {args.weights}\n")
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     if args.weights:  # a trained model: the warm-up's first, tiny learning rates are not what it would see

@@ -34,11 +34,11 @@ from .checkpoint import unwrap_model
 from .data import build_dataset
 from .devices import model_device
 from .errors import EvaluationError
-from .imageio import read_image, read_image_array, to_float_rgb
+from .imageio import read_image, read_image_array
 from .inference import encode_results, predict_dataset, shard_indices
 from .instances import CropMasks
 from .metrics import AJI_MODES
-from .predictor import Predictor
+from .predictor import Predictor, to_model_image
 from .scoring import MetricAccumulator, det_instances, format_table, gt_instances, summarize, write_outputs
 from .visualize import overlay_label_image, pyplot, save_figure_atomic, save_instance_panels
 
@@ -174,10 +174,7 @@ def _predict_large(predictor, dataset, index: int, thresh: float) -> dict:
 def _save_label_panels(pred: dict, record: ImageRecord, cfg, vis_thresh: float, path, title: str) -> None:
     """Ground truth | prediction overlays of a large image drawn from label images (O(H x W), subsampled
     beyond 2048 px by `overlay_label_image`), never from [N,H,W] masks."""
-    array = read_image_array(record.path)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    image = to_float_rgb(array, str(cfg.data.normalize)).numpy()
+    image = to_model_image(read_image_array(record.path), str(cfg.data.normalize)).numpy()
     anns = [a for a in record.annotations if not a.iscrowd]
     gt = CropMasks.from_segmentations([a.segmentation for a in anns], record.height, record.width)
     shown = (pred["scores"] >= vis_thresh).numpy()

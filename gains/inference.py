@@ -25,9 +25,9 @@ from .data import collate
 from .devices import model_device, resolve_device
 from .errors import CheckpointError, DataError
 from .exports import coco_results, write_imagej_rois, write_instances_npz, write_label_image
-from .imageio import read_image_array, read_image_size, to_float_rgb
+from .imageio import read_image_array, read_image_size
 from .model import build_model
-from .predictor import Predictor, boxes_to_original, paste_masks
+from .predictor import Predictor, boxes_to_original, paste_masks, to_model_image
 from .visualize import save_label_overlay
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -239,7 +239,7 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
         write_imagej_rois(out_dir / "rois" / f"{path.name}_rois.zip", masks)
         shown = scores >= float(cfg.test.vis_score_thresh)  # the other outputs keep them all
         shown_labels = np.where(np.isin(label_image, np.flatnonzero(shown) + 1), label_image, 0)
-        save_label_overlay(predictor_image(array, cfg), shown_labels, out_dir / "overlays" / f"{path.name}.png",
+        save_label_overlay(to_model_image(array, str(cfg.data.normalize)).numpy(), shown_labels, out_dir / "overlays" / f"{path.name}.png",
                            f"{path.name}: {int(shown.sum())} instances "
                            f"(score >= {float(cfg.test.vis_score_thresh):g})")
         entries.append({"id": image_id, "file_name": path.name, "height": int(h), "width": int(w)})
@@ -255,10 +255,3 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
     write_json_atomic(out_dir / "results.json", results)
     write_json_atomic(out_dir / "images.json", {"images": entries, "categories": cats})
     return {"num_images": len(entries), "num_detections": len(results), "out_dir": str(out_dir)}
-
-
-def predictor_image(array: np.ndarray, cfg) -> np.ndarray:
-    """The image as the model saw it before resizing (float [3,H,W] in [0,1]), for drawing overlays."""
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return to_float_rgb(array, str(cfg.data.normalize)).numpy()
