@@ -1,6 +1,6 @@
 """Train GAInS / Mask R-CNN.
 
-    python train.py                      # = configs/quickstart.yaml: synthetic data, CPU, a few minutes
+    python train.py                      # = configs/quickstart.yaml: synthetic data, CPU (README: ~14 min, 2 cores)
     python train.py CONFIG [key=value ...] [--resume]
     torchrun --nproc_per_node=2 train.py CONFIG [key=value ...] [--resume]
 

@@ -4,9 +4,9 @@
     python benchmarks/profile_step.py [configs/quickstart.yaml] [--iters 30] [--warmup 5]
         [--weights runs/quickstart/model_final.pth] [key=value ...]
 
-Runs the training data stream and model of the config (as engine.train builds them) for `--iters` steps
-after `--warmup`, timing each phase with perf_counter (CPU: synchronous), and prints a Markdown table of the
-median seconds per phase, the forward time of each part of the model, the number of RoIs the mask head
+Runs the training data stream and model of the config (as engine.train builds them, with its `solver.amp`
+and `solver.channels_last`) for `--iters` steps after `--warmup`, timing each phase with perf_counter
+(CPU: synchronous), and prints a Markdown table of the median seconds per phase, the forward time of each part of the model, the number of RoIs the mask head
 (and the ALRM branch) ran on per step, and torch's thread settings. No checkpoint or output folder is written.
 
 The cost of a step depends on how far training is: the mask head and the anomaly branch run on every
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     from gains.data import build_dataset
     from gains.model import build_model
     from gains.optim import build_lr_scheduler, build_optimizer
+    from gains.precision import autocast, resolve_amp
     from gains.sampling import build_train_loader
     from gains.train_step import to_device
 
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     if args.weights:  # every tensor whose name and shape fit, as init_weights does
         report = load_weights_for_finetune(model, args.weights)
         print(f"weights: {len(report.loaded)} of {len(model.state_dict())} tensors from {args.weights}\n")
+    if cfg.solver.channels_last:  # as engine._set_up: 4-D weights NHWC, activations follow them
+        model.to(memory_format=torch.channels_last)
+    amp = resolve_amp(cfg.solver.amp, torch.device("cpu"))  # CPU: bf16 autocast, no GradScaler
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     if args.weights:  # a trained model: the warm-up's first, tiny learning rates are not what it would see
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         images, targets = to_device(*next(batches), torch.device("cpu"))
         t1 = time.perf_counter()
-        losses = model(images, targets)
+        with autocast(amp, torch.device("cpu")):
+            losses = model(images, targets)
         total = sum(losses.values())
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -98,11 +103,12 @@ def main(argv=None) -> int:
         if it >= args.warmup:
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                 phases[name].append(seconds)
+    layout = ", channels_last" if cfg.solver.channels_last else ""
     print(f"### one training step of {args.config} {' '.join(args.overrides)}\n")
     print(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, inter-op "
           f"{torch.get_num_interop_threads()}, data workers {cfg.data.num_workers}, batch "
-          f"{cfg.solver.ims_per_batch}; median of {args.iters} steps after {args.warmup}; mask-head RoIs per "
-          f"step: {statistics.mean(mask_rois):.0f} (min {min(mask_rois)}, max {max(mask_rois)})\n")
+          f"{cfg.solver.ims_per_batch}, precision {amp.name}{layout}; median of {args.iters} steps after "
+          f"{args.warmup}; mask-head RoIs per step: {statistics.mean(mask_rois):.0f} (min {min(mask_rois)}, max {max(mask_rois)})\n")
     print("| phase | median s | share |")
     print("|---|---|---|")
     step = statistics.median(phases["step"])

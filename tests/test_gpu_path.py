@@ -66,10 +66,18 @@ def test_amp_bad_value_is_a_config_error_before_training(tmp_path):
     assert not (tmp_path / "model_final.pth").exists()
 
 
+cpu_has_native_bf16 = precision.cpu_has_native_bf16
+
+
 def test_amp_resolution_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # AVX512-BF16 / AMX
     assert precision.resolve_amp(False, cpu).dtype is None and precision.resolve_amp(True, cpu).dtype == torch.bfloat16
     assert not precision.resolve_amp(True, cpu).use_scaler
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # e.g. AVX2 only: float32 is fastest
+    assert precision.resolve_amp(True, cpu).dtype is None
+    with pytest.warns(UserWarning, match="no native bfloat16.*solver.amp=true"):
+        assert precision.resolve_amp("bf16", cpu).dtype == torch.bfloat16
     with pytest.warns(UserWarning, match="slower than bf16"):
         assert precision.resolve_amp("fp16", cpu).use_scaler
     for native, auto in ((True, torch.bfloat16), (False, torch.float16)):  # Ampere+ vs older GPUs
@@ -79,6 +87,11 @@ def test_amp_resolution_per_device(monkeypatch):
         assert precision.resolve_amp("fp16", cuda).use_scaler and precision.resolve_amp(False, cuda).name == "fp32"
     with pytest.warns(UserWarning, match="emulated"):
         assert precision.resolve_amp("bf16", cuda).dtype == torch.bfloat16
+    for probes in ((True, False), (False, True), (False, False)):  # AVX512-BF16, AMX, neither
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=probes[0]: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=probes[1]: v)
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", cpu_has_native_bf16)
+        assert precision.cpu_has_native_bf16() == any(probes)
     for old in ("solver.amp=false", "solver.amp=true"):  # old configs keep loading and validating
         engine.check_solver(load_config(None, [old]).solver)
 
