@@ -2,12 +2,13 @@
 """Where a training step's time goes: data loading, forward (by module), backward, optimizer, for a config.
 
     python benchmarks/profile_step.py [configs/quickstart.yaml] [--iters 30] [--warmup 5]
-        [--weights runs/quickstart/model_final.pth] [key=value ...]
+        [--weights runs/quickstart/model_final.pth] [--ops 25] [key=value ...]
 
 Runs the training data stream and model of the config (as engine.train builds them, with its `solver.amp`
 and `solver.channels_last`) for `--iters` steps after `--warmup`, timing each phase with perf_counter
-(CPU: synchronous), and prints a Markdown table of the median seconds per phase, the forward time of each part of the model, the number of RoIs the mask head
-(and the ALRM branch) ran on per step, and torch's thread settings. No checkpoint or output folder is written.
+(CPU: synchronous), and prints a Markdown table of the median seconds per phase, the forward time of each
+part of the model, the number of RoIs the mask head (and the ALRM branch) ran on per step, and torch's thread
+settings; `--ops N` adds torch.profiler's N costliest operators. No checkpoint or output folder is written.
 
 The cost of a step depends on how far training is: the mask head and the anomaly branch run on every
 foreground RoI, and a trained RPN proposes many more of them than a fresh one. `--weights` starts from a
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--weights", help="start from this checkpoint's weights (steady state of a trained run)")
+    p.add_argument("--ops", type=int, default=0, metavar="N",
+                   help="also run torch.profiler over the timed steps and print its N costliest operators")
     args = p.parse_intermixed_args(argv)
 
     import torch
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     from gains.config import load_config
     from gains.data import build_dataset
     from gains.model import build_model
-    from gains.optim import build_lr_scheduler, build_optimizer
+    from gains.optim import build_lr_scheduler, build_optimizer, prepare_fused_sgd
     from gains.precision import autocast, resolve_amp
     from gains.sampling import build_train_loader
     from gains.train_step import to_device
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
     if cfg.solver.channels_last:  # as engine._set_up: 4-D weights NHWC, activations follow them
         model.to(memory_format=torch.channels_last)
     amp = resolve_amp(cfg.solver.amp, torch.device("cpu"))  # CPU: bf16 autocast, no GradScaler
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, fused=True)  # as engine._set_up on the CPU
+    prepare_fused_sgd(optimizer, fused=True)
     scheduler = build_lr_scheduler(cfg, optimizer)
     if args.weights:  # a trained model: the warm-up's first, tiny learning rates are not what it would see
         for group in optimizer.param_groups:
@@ -82,10 +86,14 @@ def main(argv=None) -> int:
                                 rank=0, world_size=1, start_iter=0, num_workers=int(cfg.data.num_workers))
     phases = {"data": [], "forward": [], "backward": [], "optimizer": [], "step": []}
     batches = iter(loader)
+    profiler = None
     for it in range(args.warmup + args.iters):
         if it == args.warmup:
             module_seconds.clear()
             mask_rois.clear()
+            if args.ops:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                profiler.start()
         t0 = time.perf_counter()
         images, targets = to_device(*next(batches), torch.device("cpu"))
         t1 = time.perf_counter()
@@ -103,6 +111,8 @@ def main(argv=None) -> int:
         if it >= args.warmup:
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                 phases[name].append(seconds)
+    if profiler is not None:  # its own overhead inflates the phases above a little
+        profiler.stop()
     layout = ", channels_last" if cfg.solver.channels_last else ""
     print(f"### one training step of {args.config} {' '.join(args.overrides)}\n")
     print(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, inter-op "
@@ -118,6 +128,11 @@ def main(argv=None) -> int:
     for name in parts:
         m = statistics.median(module_seconds[name]) if module_seconds[name] else 0.0  # one call per step
         print(f"| forward: {name} | {m:.3f} | {100 * m / step:.0f} % |")
+    if profiler is not None:
+        print(f"\n### the {args.ops} costliest operators (torch.profiler, self CPU time over {args.iters} steps)\n")
+        print("```")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
+        print("```")
     return 0
 
 

@@ -110,6 +110,7 @@ class TrainingRun:
     amp: AmpMode
     device: torch.device
     device_guard: bool  # True: non-finite check on the device (no sync per step), see NonFiniteGuard
+    fused_sgd: bool  # one fused SGD kernel per step (needed by the device guard; faster on the CPU too)
     output_dir: Path
     category_map: dict | None
     start_iter: int = 0
@@ -222,12 +223,15 @@ def _set_up(cfg, model: nn.Module | None, dataset: Dataset | None, device: torch
         torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
     amp = resolve_amp(s.amp, device)
     device_guard = use_device_guard(device)
-    optimizer = build_optimizer(cfg, model, fused=device_guard)
+    # Fused SGD: the device guard skips steps inside its kernel; on the CPU its one kernel is also 2.5x faster
+    # than the per-parameter loop (~25 ms of a 0.4 s quickstart step). Same update up to float rounding.
+    fused_sgd = device_guard or device.type == "cpu"
+    optimizer = build_optimizer(cfg, model, fused=fused_sgd)
     logger.info("precision %s%s%s", amp.name, " + GradScaler" if amp.use_scaler else "",
                 ", channels_last" if s.channels_last else "")
     run = TrainingRun(cfg=cfg, model=model, optimizer=optimizer, scheduler=build_lr_scheduler(cfg, optimizer),
                       scaler=torch.amp.GradScaler(device.type, enabled=amp.use_scaler), amp=amp, device=device,
-                      device_guard=device_guard, output_dir=output_dir,
+                      device_guard=device_guard, fused_sgd=fused_sgd, output_dir=output_dir,
                       category_map=dataset.category_map.to_dict() if hasattr(dataset, "category_map") else None)
     return run, dataset
 
@@ -268,7 +272,7 @@ def _resume_or_start(run: TrainingRun, resume: bool, info: dist.DistInfo) -> Non
             (output_dir / "last_checkpoint").unlink()
         if cfg.init_weights:
             load_weights_for_finetune(run.model, cfg.init_weights)
-    prepare_fused_sgd(run.optimizer, fused=run.device_guard)
+    prepare_fused_sgd(run.optimizer, fused=run.fused_sgd)
     dist.barrier()  # nobody trains before rank 0 has dealt with the output folder
 
 

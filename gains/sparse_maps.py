@@ -92,6 +92,16 @@ class SparseMaps:
         if len(self.patches) != len(self.boxes):
             raise ValueError(f"{len(self.patches)} patches for {len(self.boxes)} boxes")
 
+    def __reduce__(self):
+        """Pickle (a DataLoader worker sending a batch) all patches as one flat tensor: each tensor crosses
+        the process boundary as its own shared-memory segment and file descriptor, which costs more than
+        the batch takes to make when an image has hundreds of instances. Unpickled patches are views of
+        that one tensor (disjoint, so writing one does not touch another)."""
+        shapes = [tuple(p.shape) for p in self.patches]
+        flat = (torch.cat([p.reshape(-1) for p in self.patches]) if self.patches
+                else torch.zeros(0, dtype=self.dtype))
+        return _sparse_maps_from_flat, (self.boxes, flat, shapes, self.size, self.fill, self.dtype)
+
     # ----------------------------------------------------------------------------------- basics
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -256,6 +266,13 @@ class SparseMaps:
             local = torch.cat([torch.zeros((len(r), 1), dtype=rois.dtype, device=rois.device), r - shift], 1)
             out[sel] = roi_align(canvas[None, None], local, (out_size, out_size), 1.0, 0, aligned=True)[:, 0]
         return out
+
+
+def _sparse_maps_from_flat(boxes: Tensor, flat: Tensor, shapes: list[tuple[int, int]], size: tuple[int, int],
+                           fill: float, dtype: torch.dtype) -> SparseMaps:
+    """Inverse of SparseMaps.__reduce__: patches as views of `flat` (1-D, the patches' elements in order)."""
+    parts = flat.split([h * w for h, w in shapes]) if shapes else []
+    return SparseMaps(boxes, [part.view(shape) for part, shape in zip(parts, shapes)], size, fill, dtype)
 
 
 def sparse_masks_from_crops(crop_masks, dtype=torch.uint8) -> SparseMaps:

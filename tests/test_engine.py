@@ -231,6 +231,7 @@ def test_checkpoint_content_and_output_files(tmp_path):
     assert ck["format"] == "gains-checkpoint-v1" and ck["iteration"] == 4
     assert set(ck["model"]) == set(TinyDetector().state_dict())
     assert ck["optimizer"]["state"] and ck["scheduler"]["last_epoch"] == 4 and ck["scaler"] is None
+    assert all(g["fused"] is True for g in ck["optimizer"]["param_groups"])  # CPU runs use fused SGD (faster)
     assert ck["config"] == cfg.to_dict() and ck["category_map"] == FakeCategoryMap().to_dict()
     assert len(ck["rng_states"]) == 1 and ck["world_size"] == 1
     assert read_checkpoint(tmp_path / "model_0000002.pth")["iteration"] == 2

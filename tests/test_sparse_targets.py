@@ -217,3 +217,37 @@ def test_sparse_targets_cross_dataloader_workers(tmp_path):
     for i, t in enumerate(targets):
         assert isinstance(t["masks"], SparseMaps) and t["masks"].shape[-2:] == images[i].shape[-2:]
         assert torch.equal(t["masks"].tight_boxes(), t["boxes"])
+
+
+@pytest.mark.parametrize("n, dtype, fill", [(5, torch.uint8, 0.0), (3, torch.float32, 1.0), (0, torch.float32, 1.0)])
+def test_sparse_maps_pickle_as_one_flat_tensor(n, dtype, fill):
+    """A worker sends each tensor as its own shared-memory segment: SparseMaps pickle their patches as one
+    tensor, and come back equal (same boxes, patches, size, fill, dtype), their patches independent."""
+    import io
+    import pickle
+
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions with ForkingPickler)
+
+    rng = np.random.default_rng(n)
+    boxes, patches = [], []
+    for _ in range(n):
+        x0, y0 = (int(v) for v in rng.integers(0, 20, 2))
+        w, h = (int(v) for v in rng.integers(1, 9, 2))
+        boxes.append([x0, y0, x0 + w, y0 + h])
+        patches.append(torch.from_numpy(rng.random((h, w)) * 200).to(dtype))
+    maps = SparseMaps(torch.tensor(boxes, dtype=torch.int64).reshape(-1, 4), patches, (30, 40), fill, dtype)
+
+    reduced = maps.__reduce__()[1]
+    assert sum(isinstance(a, torch.Tensor) for a in reduced) == 2  # boxes + one flat tensor, whatever n is
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(maps)  # what a DataLoader worker does
+    for back in (pickle.loads(pickle.dumps(maps)), pickle.loads(buf.getvalue())):
+        assert isinstance(back, SparseMaps) and back.size == (30, 40) and back.fill == fill and back.dtype == dtype
+        assert torch.equal(back.boxes, maps.boxes) and len(back.patches) == n
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(back.patches, patches))
+        assert torch.equal(back.dense(), maps.dense())
+        if n > 1:
+            back.patches[0].fill_(7)
+            assert torch.equal(back.patches[1], patches[1])
