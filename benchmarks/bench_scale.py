@@ -456,8 +456,10 @@ def model_overrides(args, work: Path, max_iter: int | None = None) -> list[str]:
             f"solver.steps=[{int(it * 0.75)}, {int(it * 0.92)}]", f"solver.checkpoint_period={it}",
             f"solver.log_period={max(1, min(20, it))}", "test.eval_at_end=false", "test.vis=0",
             "model.roi_heads.detections_per_image=300",
-            # the model its README figures were measured with (before the quickstart went to 32 / bf16)
-            "model.roi_heads.mask_conv_dim=64", "solver.amp=false"]
+            # the model and sampling its README figures were measured with (the quickstart's before it went to
+            # 32 channels / bf16, 2026-12-03, and to 96 RoIs / 500-300 proposals, 2026-12-04)
+            "model.roi_heads.mask_conv_dim=64", "solver.amp=false", "model.roi_heads.batch_size_per_image=128",
+            "model.rpn.pre_nms_topk_train=1000", "model.rpn.post_nms_topk_train=500"]
 
 
 def child_train_model(spec: dict) -> dict:

@@ -7,7 +7,8 @@
 2. the model vs torchvision's Mask R-CNN: train step, inference, peak memory  (bench_model.py)
 3. native mask AP vs pycocotools' COCOeval, identical numbers  (bench_metrics.py)
 4. data loading with GA maps from disk vs computed on the fly vs none  (bench_data.py)
-5. with --scale: training memory vs instance count, GA map disk layouts, tiled prediction of a 4096^2
+5. a worker sending one image's targets: SparseMaps as one flat tensor vs a tensor per patch  (bench_ipc.py)
+6. with --scale: training memory vs instance count, GA map disk layouts, tiled prediction of a 4096^2
    field (bench_scale.py; 15-25 more minutes, data and a small trained model cached in /tmp/gains_bench_scale)
 
 Each script runs in its own process, one after the other, so they never compete for the cores. About
@@ -35,6 +36,7 @@ BENCHMARKS = [
      ["--size", "256", "--batch", "1", "--iters", "2", "--warmup", "1", "--no-memory"]),
     ("Mask AP vs pycocotools", "bench_metrics.py", ["--threads", "1"], ["--threads", "1", "--images", "20", "--repeat", "1"]),
     ("Data loading", "bench_data.py", ["--images", "48"], ["--images", "12"]),
+    ("Targets from a DataLoader worker", "bench_ipc.py", [], ["--instances", "30", "300", "--repeats", "5"]),
 ]
 SCALE = ("Scale: sparse targets, GA map layouts, tiled prediction", "bench_scale.py", [], ["--quick"])
 
