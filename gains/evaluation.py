@@ -29,7 +29,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from . import dist
-from .annotations import CategoryMap, DataError, ImageRecord, check_segmentation, is_finite_number, segmentation_to_mask
+from .annotations import (CategoryMap, DataError, ImageRecord, check_segmentation, is_finite_number,
+                          segmentation_to_rle)
 from .checkpoint import unwrap_model
 from .data import build_dataset
 from .devices import model_device
@@ -37,6 +38,7 @@ from .errors import EvaluationError
 from .imageio import read_image, read_image_array
 from .inference import encode_results, predict_dataset, shard_indices
 from .instances import CropMasks
+from .mask_runs import runs_from_rles
 from .metrics import AJI_MODES
 from .predictor import Predictor, to_model_image
 from .scoring import MetricAccumulator, det_instances, format_table, gt_instances, summarize, write_outputs
@@ -270,13 +272,17 @@ def _check_results(results, images: dict, cat_ids: list[int], where: str = "resu
                               "labels")
 
 
-def _decode(segm, h: int, w: int, what: str) -> np.ndarray:
+def _rle(segm, h: int, w: int, what: str) -> dict:
+    """A validated segmentation (polygons or RLE) of an h x w image -> one COCO RLE; EvaluationError naming
+    `what` if it is malformed."""
     try:  # finite, in-image polygons and consistent RLE before pycocotools' C code sees them
         check_segmentation(segm, h, w, what)
     except DataError as e:
         raise EvaluationError(str(e)) from None
     try:
-        return segmentation_to_mask(segm, h, w)
+        rle = segmentation_to_rle(segm, h, w)
+        runs_from_rles([rle], h, w)  # run lengths that add up to h * w
+        return rle
     except Exception as e:  # noqa: BLE001 - pycocotools raises assorted types for malformed input
         raise EvaluationError(f"{what}: cannot decode the segmentation ({type(e).__name__}: {e})") from None
 
@@ -306,18 +312,17 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
     acc = MetricAccumulator()
     for n, image_id in enumerate(sorted(images)):
         h, w, ga, dr = int(images[image_id]["height"]), int(images[image_id]["width"]), anns[image_id], dets[image_id]
-        gm = np.array([_decode(a["segmentation"], h, w, f"{gt_name}: annotation {a['id']} (image id {image_id})")
-                       for a in ga], np.uint8)
-        dm = np.array([_decode(r["segmentation"], h, w, f"{results_name}: a result for image id {image_id}")
-                       for r in dr], bool)
-        gb = [a["bbox"] if "bbox" in a else mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m))).tolist()
-              for a, m in zip(ga, gm)]
-        acc.add({"image_id": n, "labels": [a["category_id"] for a in ga], "masks": gm.reshape(-1, h, w),
+        # RLEs -> runs, never [N, H, W]: a 2k x 2k field with 2,000 nuclei would be 8 GB per side dense
+        gr = [_rle(a["segmentation"], h, w, f"{gt_name}: annotation {a['id']} (image id {image_id})") for a in ga]
+        dr_rles = [_rle(r["segmentation"], h, w, f"{results_name}: a result for image id {image_id}") for r in dr]
+        gb = [a["bbox"] if "bbox" in a else mask_utils.toBbox(rle).tolist() for a, rle in zip(ga, gr)]
+        acc.add({"image_id": n, "labels": [a["category_id"] for a in ga], "masks": runs_from_rles(gr, h, w),
                  "iscrowd": [bool(a.get("iscrowd", 0)) for a in ga],
-                 "areas": [a["area"] if a.get("area") is not None else float(m.sum()) for a, m in zip(ga, gm)],
+                 "areas": [a["area"] if a.get("area") is not None else float(mask_utils.area(rle))
+                           for a, rle in zip(ga, gr)],
                  "boxes_xywh": np.array(gb, np.float64).reshape(-1, 4)},
                 {"labels": [r["category_id"] for r in dr], "scores": [r["score"] for r in dr],
-                 "masks": dm.reshape(-1, h, w),
+                 "masks": dr_rles,
                  "boxes_xywh": np.array([r.get("bbox", [0, 0, 0, 0]) for r in dr], np.float64).reshape(-1, 4)})
     # Images were added under their position in sorted-id order, so score ties across images resolve as in
     # pycocotools (which sorts image ids) even for non-integer ids.

@@ -150,3 +150,40 @@ def test_mixed_pixel_orders_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="one common 'size'"):
         instance_metrics([{"labels": [1, 1], "masks": _as_rles(m) + _as_rles(np.zeros((1, 4, 4), bool))}],
                          [{"labels": [], "scores": [], "masks": []}], [1])
+
+
+def test_results_file_mode_scores_a_large_field_without_dense_masks():
+    """`evaluate.py --gt --pred` (evaluate_results) on a 4000 x 4000 field with 60 nuclei: scored from RLE runs,
+    so memory follows the instances, not N x H x W (dense it would hold 2 x 60 x 16 MB = 1.9 GB); the numbers
+    are pycocotools' (a perfect copy scores 100, a shifted half scores what COCOeval gives)."""
+    import tracemalloc
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    h = w = 4000
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 7, "iscrowd": 0,
+             "segmentation": [ellipse(200 + 450 * (i % 8), 200 + 450 * (i // 8), 30 + i % 7, 22 + i % 5)]}
+            for i in range(60)]
+    gt = {"images": [{"id": 1, "file_name": "field.tif", "height": h, "width": w}],
+          "categories": [{"id": 7, "name": "Nuclei"}], "annotations": anns}
+    results = []
+    for i, a in enumerate(anns):
+        poly = np.array(a["segmentation"][0], float).reshape(-1, 2) + (6.0 if i % 2 else 0.0)
+        rle = mask_utils.merge(mask_utils.frPyObjects([poly.ravel().tolist()], h, w))
+        rle["counts"] = rle["counts"].decode()
+        results.append({"image_id": 1, "category_id": 7, "score": 0.5 + i / 200, "segmentation": rle})
+    tracemalloc.start()
+    m = evaluate_results(gt, results, split="field")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200e6, f"peak {peak / 1e6:.0f} MB: something built full-size masks"  # dense: 3.2 GB
+
+    coco = COCO()
+    coco.dataset = {**gt, "annotations": [{**a, "area": float(mask_utils.area(mask_utils.merge(
+        mask_utils.frPyObjects(a["segmentation"], h, w)))), "bbox": list(mask_utils.toBbox(mask_utils.merge(
+            mask_utils.frPyObjects(a["segmentation"], h, w))))} for a in anns]}
+    coco.createIndex()
+    ev = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "segm")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert m["mAP"] == pytest.approx(100 * ev.stats[0], abs=1e-9) and 0 < m["mAP"] < 100
