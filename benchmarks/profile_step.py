@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from gains.config import load_config
     from gains.data import build_dataset
     from gains.model import build_model
-    from gains.optim import build_lr_scheduler, build_optimizer, prepare_fused_sgd
+    from gains.optim import build_lr_scheduler, build_optimizer, prepare_fused_sgd, use_fused_sgd
     from gains.precision import autocast, resolve_amp
     from gains.sampling import build_train_loader
     from gains.train_step import to_device
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     if cfg.solver.channels_last:  # as engine._set_up: 4-D weights NHWC, activations follow them
         model.to(memory_format=torch.channels_last)
     amp = resolve_amp(cfg.solver.amp, torch.device("cpu"))  # CPU: bf16 autocast, no GradScaler
-    optimizer = build_optimizer(cfg, model, fused=True)  # as engine._set_up on the CPU
-    prepare_fused_sgd(optimizer, fused=True)
+    fused = use_fused_sgd(torch.device("cpu"), device_guard=False)  # as engine._set_up on the CPU
+    optimizer = build_optimizer(cfg, model, fused=fused)
+    prepare_fused_sgd(optimizer, fused=fused)
     scheduler = build_lr_scheduler(cfg, optimizer)
     if args.weights:  # a trained model: the warm-up's first, tiny learning rates are not what it would see
         for group in optimizer.param_groups:

@@ -49,7 +49,7 @@ from .devices import configure_determinism, resolve_device
 from .errors import ConfigError
 from .evaluation import evaluate_model
 from .model import build_model
-from .optim import build_lr_scheduler, build_optimizer, prepare_fused_sgd
+from .optim import build_lr_scheduler, build_optimizer, prepare_fused_sgd, use_fused_sgd
 from .precision import AmpMode, autocast, parse_amp, resolve_amp
 from .rng import capture_rng_state, preserved_rng_state, restore_rng_state, seed_process
 from .sampling import build_train_loader
@@ -223,9 +223,7 @@ def _set_up(cfg, model: nn.Module | None, dataset: Dataset | None, device: torch
         torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
     amp = resolve_amp(s.amp, device)
     device_guard = use_device_guard(device)
-    # Fused SGD: the device guard skips steps inside its kernel; on the CPU its one kernel is also 2.5x faster
-    # than the per-parameter loop (~25 ms of a 0.4 s quickstart step). Same update up to float rounding.
-    fused_sgd = device_guard or device.type == "cpu"
+    fused_sgd = use_fused_sgd(device, device_guard)
     optimizer = build_optimizer(cfg, model, fused=fused_sgd)
     logger.info("precision %s%s%s", amp.name, " + GradScaler" if amp.use_scaler else "",
                 ", channels_last" if s.channels_last else "")

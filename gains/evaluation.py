@@ -275,14 +275,12 @@ def _check_results(results, images: dict, cat_ids: list[int], where: str = "resu
 def _rle(segm, h: int, w: int, what: str) -> dict:
     """A validated segmentation (polygons or RLE) of an h x w image -> one COCO RLE; EvaluationError naming
     `what` if it is malformed."""
-    try:  # finite, in-image polygons and consistent RLE before pycocotools' C code sees them
+    try:  # finite, in-image polygons; RLE runs non-negative and summing to h * w (so runs_from_rles accepts it)
         check_segmentation(segm, h, w, what)
     except DataError as e:
         raise EvaluationError(str(e)) from None
     try:
-        rle = segmentation_to_rle(segm, h, w)
-        runs_from_rles([rle], h, w)  # run lengths that add up to h * w
-        return rle
+        return segmentation_to_rle(segm, h, w)
     except Exception as e:  # noqa: BLE001 - pycocotools raises assorted types for malformed input
         raise EvaluationError(f"{what}: cannot decode the segmentation ({type(e).__name__}: {e})") from None
 
