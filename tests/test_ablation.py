@@ -118,3 +118,36 @@ def test_runner_skips_finished_runs_and_resumes_the_rest(tmp_path, monkeypatch):
     train_cmd = calls[0][1][0]
     assert "--resume" in train_cmd and "model.mode=gains" in train_cmd and "solver.max_iter=5" in train_cmd
     assert calls[0][1][1][-4:] == ["--split", "val", "--out", str(out / "gains_s0" / "eval_final_val")]
+
+
+def test_gains_diagnostics_measures_the_ga_weights_and_a_constant_branch(tiny_coco, monkeypatch):
+    """On two overlapping squares: the GA crops mark anomalous pixels (GA > 1) that carry a larger share of the
+    weight than of the pixels; a branch that outputs a constant explains none of the GA variance (R² <= 0)."""
+    import torch
+
+    import gains_diagnostics
+    from tests.test_model import TINY
+    from gains.model import build_model
+
+    json_path, image_dir = tiny_coco
+    cfg = load_config(None, TINY + [f"data.root={json_path.parent}", "data.val_json=train.json",
+                                    "data.val_images=train", "data.min_size_test=40", "data.num_workers=0",
+                                    "gamm.target_category_id=1", "model.mode=gains",
+                                    "model.backbone.depth=18", "model.backbone.norm=gn",
+                                    "model.backbone.freeze_at=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+
+    class Constant(torch.nn.Module):
+        def forward(self, x, f_m):
+            return torch.ones(len(x), 2, 28, 28)
+
+    model.roi_heads.alrm = Constant()
+    out = gains_diagnostics.diagnose(model, cfg, "val")
+    assert 0 < out["anomalous_pixel_share"] < 1
+    assert out["anomalous_weight_share"] > out["anomalous_pixel_share"]
+    assert out["mean_ga_on_anomalous"] > 1 and out["max_ga_weight"] <= 1.5 + 1e-6
+    assert out["effective_weight_ordinary_pixel"] == 0.75
+    assert out["effective_weight_anomalous_pixel_mean"] == pytest.approx(0.75 * out["mean_ga_on_anomalous"])
+    assert out["alrm_mean_on_anomalous"] == out["alrm_mean_on_ordinary"] == 1.0
+    assert out["alrm_r2"] <= 0.0
