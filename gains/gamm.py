@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import shapely
+from matplotlib.path import Path as MplPath
 from pycocotools import mask as mask_utils
 
 from . import gamm_windows as gw
@@ -67,10 +67,16 @@ def gamm_mask_crops(segmentations: list, height: int, width: int) -> CropMasks:
         height, width: image size.
     Returns:
         CropMasks of N masks on tight boxes (empty mask: box (0, 0, 0, 0)). Polygon pixel (row m, col n) is
-        inside iff the point (x=n, y=m) is strictly inside (pixel centres at integer coordinates, like
-        matplotlib ``Path.contains_points``; pycocotools' rasteriser is half a pixel off). Polygons with
-        fewer than 3 points are skipped. Polygons are tested on the lattice of their bbox only; an RLE is
-        decoded at full size, one instance at a time, then cropped.
+        inside iff matplotlib's ``Path(vertices).contains_points`` (radius 0) counts the point (x=n, y=m)
+        inside: pixel centres at integer coordinates (pycocotools' rasteriser is half a pixel off), and the
+        authors' rule for lattice points ON an edge, which whole-pixel vertices put on many edges. That
+        rule counts edge crossings along +x, so an edge point is in or out by the edge's direction, hence
+        the winding: a whole-pixel square drawn clockwise on the image (y down) keeps the points of its
+        left, right and bottom edges, drawn counter-clockwise only those of its bottom edge
+        (``shapely.contains_xy`` drops them all, which changes the maps by up to the whole GA range).
+        Polygons with fewer than 3 points are skipped; a multi-polygon instance is the union of its polygons
+        (§7.3). Each polygon is tested on the lattice of its bbox only (no point outside can be counted in);
+        an RLE is decoded at full size, one instance at a time, then cropped.
     """
     boxes, crops = np.zeros((len(segmentations), 4), np.int64), []
     for k, seg in enumerate(segmentations):
@@ -103,8 +109,12 @@ def _polygons_crop(polygons, height, width):
         if not np.isfinite(xy).all():  # NaN/inf would turn into INT64_MIN lattice bounds (a huge crop)
             raise ValueError("polygon with non-finite (NaN/inf) coordinates; gains.annotations.load_coco rejects "
                              "these, validate segmentations with gains.annotations.check_segmentation")
-        c0, r0 = np.maximum(np.ceil(xy.min(0)), 0).astype(int)
-        c1, r1 = np.minimum(np.floor(xy.max(0)), [width - 1, height - 1]).astype(int)
+        # Rows outside [min y, max y] cross no edge (matplotlib compares y coordinates exactly). Columns get
+        # one more lattice point on each side of [min x, max x]: the crossing's side is decided by comparing
+        # two rounded products, so a point within rounding distance of the x range could still count.
+        (x_lo, y_lo), (x_hi, y_hi) = xy.min(0), xy.max(0)
+        c0, r0 = max(int(np.floor(x_lo)), 0), max(int(np.ceil(y_lo)), 0)
+        c1, r1 = min(int(np.ceil(x_hi)), width - 1), min(int(np.floor(y_hi)), height - 1)
         if c1 >= c0 and r1 >= r0:
             parts.append((xy, r0, r1, c0, c1))
     if not parts:
@@ -113,8 +123,10 @@ def _polygons_crop(polygons, height, width):
     R1, C1 = max(p[2] for p in parts), max(p[4] for p in parts)
     crop = np.zeros((R1 - R0 + 1, C1 - C0 + 1), dtype=bool)
     for xy, r0, r1, c0, c1 in parts:
-        rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1]
-        crop[r0 - R0:r1 + 1 - R0, c0 - C0:c1 + 1 - C0] |= shapely.contains_xy(shapely.Polygon(xy), cols, rows)
+        # The authors' own call (not a re-derivation of its boundary rule): exact on edge points by design.
+        rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1].astype(np.float64)
+        inside = MplPath(xy).contains_points(np.column_stack([cols.ravel(), rows.ravel()]))
+        crop[r0 - R0:r1 + 1 - R0, c0 - C0:c1 + 1 - C0] |= inside.reshape(rows.shape)
     return _tight(crop, int(C0), int(R0))
 
 

@@ -1,11 +1,39 @@
 """Slow literal GAMM oracle, written straight from GAINS_METHOD.md §2 with Python loops over windows.
 
-Independent of gains/gamm.py on purpose (nothing shared but the mask rasteriser, which the tests feed in as
-ready masks): np.std per window, windows painted in ascending (i, j) order, the clamp loop of §2.4, the mean
-of the f = +1 and f = -1 halves. Deviations of the project (§7.1, §7.2) are applied: a target without another
-target in its context, or with an empty mask, gets an all-ones map. Meant for images of a few dozen pixels.
+Independent of gains/gamm.py on purpose, the masks included: ``oracle_masks`` is the authors' rasteriser
+itself (matplotlib ``Path.contains_points`` on every pixel centre of the image). np.std per window, windows
+painted in ascending (i, j) order, the clamp loop of §2.4, the mean of the f = +1 and f = -1 halves.
+Deviations of the project (§7.1–7.3) are applied: a target without another target in its context, or with an
+empty mask, gets an all-ones map; a multi-polygon instance is the union of its polygons. Meant for images of a
+few dozen pixels.
 """
 import numpy as np
+from matplotlib.path import Path as MplPath
+from pycocotools import mask as mask_utils
+
+
+def oracle_masks(segmentations, height, width):
+    """bool [N, H, W] GAMM masks as the authors' scripts rasterise them (GAINS_METHOD.md §2).
+
+    Polygon instances (lists of flat ``[x0, y0, x1, y1, ...]``): pixel (row m, col n) is inside iff
+    ``Path(vertices).contains_points`` counts the point (x=n, y=m), tested on the whole H x W lattice (no bbox
+    shortcut), OR-ed over the instance's polygons; polygons with fewer than 3 points are skipped. RLE dicts
+    (compressed or uncompressed counts) are decoded by pycocotools.
+    """
+    rows, cols = np.mgrid[:height, :width]
+    points = np.column_stack([cols.ravel(), rows.ravel()])  # (x, y) of every pixel centre, row-major
+    out = np.zeros((len(segmentations), height, width), dtype=bool)
+    for k, seg in enumerate(segmentations):
+        if isinstance(seg, dict):
+            rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+            if isinstance(rle["counts"], str):
+                rle = dict(rle, counts=rle["counts"].encode("ascii"))
+            out[k] = mask_utils.decode(rle).astype(bool)
+            continue
+        for flat in seg:
+            if len(flat) >= 6:
+                out[k] |= MplPath(np.reshape(flat, (-1, 2))).contains_points(points).reshape(height, width)
+    return out
 
 
 def oracle_fields(mask, sign):

@@ -1,5 +1,6 @@
-"""GAMM (gains/gamm.py): the authors' maps (fixtures), a slow literal oracle, the degenerate cases, maps as
-crops on their support (and the support claim), and the sparse paths (crops, box pairs) at scale."""
+"""GAMM (gains/gamm.py): the authors' maps (fixtures, also on whole-pixel polygons), a slow literal oracle with
+the authors' rasteriser, the degenerate cases, maps as crops on their support (and the support claim), and
+the sparse paths (crops, box pairs) at scale."""
 import json
 import tracemalloc
 from pathlib import Path
@@ -14,16 +15,19 @@ from gains import gamm, gamm_windows
 from gains.gamm import (VARIANTS, compute_ga_crops, compute_ga_maps, gamm_mask_crops, gamm_masks,
                         map_folder_name, nuclei_groups)
 from gains.instances import CropMasks
-from gamm_oracle import oracle_ga_maps, oracle_groups
+from gamm_oracle import oracle_ga_maps, oracle_groups, oracle_masks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gamm"
+# The same instances with whole-pixel vertices: lattice points on edges, where rasterisers disagree.
+WHOLE_PIXEL = Path(__file__).parent / "fixtures" / "gamm_whole_pixel"
+FIXTURE_SETS = {"gamm": FIXTURES, "gamm_whole_pixel": WHOLE_PIXEL}
 FOLDERS = ("isbi_cells", "chrom_rods", "nuclei_clusters")
 TOL = 1e-5
 
 
-def load_fixture(folder):
-    """(params, [(image, annotations)]) of one fixture folder."""
-    root = FIXTURES / folder
+def load_fixture(folder, fixtures=FIXTURES):
+    """(params, [(image, annotations)]) of one fixture folder of the set ``fixtures``."""
+    root = fixtures / folder
     params = json.loads((root / "params.json").read_text())
     coco = json.loads((root / "annotations.json").read_text())
     images = [(im, [a for a in coco["annotations"] if a["image_id"] == im["id"]]) for im in coco["images"]]
@@ -51,18 +55,32 @@ def coco_box(flat):
     return [*xy.min(0), *(xy.max(0) - xy.min(0))]
 
 
+def whole_pixel(flat, clockwise=True):
+    """[polygon] of ``flat`` with vertices rounded to whole pixels, drawn clockwise on the image (y down) or
+    counter-clockwise; repeated vertices dropped, as a labelme file would hold them."""
+    xy = np.round(np.asarray(flat, dtype=np.float64).reshape(-1, 2))
+    xy = xy[np.r_[True, np.any(xy[1:] != xy[:-1], axis=1)]]
+    signed_area = np.sum(xy[:, 0] * np.roll(xy[:, 1], -1) - np.roll(xy[:, 0], -1) * xy[:, 1])
+    if (signed_area > 0) != clockwise:  # > 0: clockwise with y pointing down
+        xy = xy[::-1]
+    return [xy.ravel().tolist()]
+
+
 # ---------------------------------------------------------------------------------- fixtures
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_matches_original_maps(folder):
-    params, images = load_fixture(folder)
+@pytest.mark.parametrize("fixture_set", FIXTURE_SETS)
+def test_matches_original_maps(fixture_set, folder):
+    fixtures = FIXTURE_SETS[fixture_set]
+    params, images = load_fixture(folder, fixtures)
     for im, anns in images:
         maps = compute_ga_maps(*fixture_inputs(im, anns), **params)
         assert maps.dtype == np.float64 and maps.shape == (len(anns), im["height"], im["width"])
         assert maps.min() >= 1 and maps.max() <= 1 + params["ga_factor"] + 1e-12
         for ann, ga in zip(anns, maps):
-            expected = np.load(FIXTURES / folder / "expected" / f"{ann['id']}.npy")
+            expected = np.load(fixtures / folder / "expected" / f"{ann['id']}.npy")
             err = np.abs(ga - expected).max()
-            assert err <= TOL, f"{folder} image {im['id']} annotation {ann['id']}: max |diff| {err:.2e}"
+            where = f"{fixture_set}/{folder} image {im['id']} annotation {ann['id']}"
+            assert err <= TOL, f"{where}: max |diff| {err:.2e}"
 
 
 def test_blocks_of_windows_do_not_change_maps(monkeypatch):
@@ -85,14 +103,18 @@ def test_nuclei_groups_match_original():
         assert groups == oracle_groups(boxes, params["window_size"])
 
 
-# The oracle loops over windows in Python; one small image per variant keeps this under two seconds.
+# The oracle loops over windows in Python; one small image per variant keeps this under two seconds a set.
+# Its masks come from its own rasteriser (the authors' call), so this checks the oracle, not gains/gamm.py.
 @pytest.mark.parametrize("folder,image_id", [("isbi_cells", 2), ("chrom_rods", 1), ("nuclei_clusters", 4)])
-def test_oracle_matches_original_maps(folder, image_id):
-    params, images = load_fixture(folder)
+@pytest.mark.parametrize("fixture_set", FIXTURE_SETS)
+def test_oracle_matches_original_maps(fixture_set, folder, image_id):
+    fixtures = FIXTURE_SETS[fixture_set]
+    params, images = load_fixture(folder, fixtures)
     im, anns = next((im, anns) for im, anns in images if im["id"] == image_id)
-    maps = oracle_ga_maps(*fixture_inputs(im, anns), **params)
+    masks = oracle_masks([a["segmentation"] for a in anns], im["height"], im["width"])
+    maps = oracle_ga_maps(masks, [a["category_id"] for a in anns], np.array([a["bbox"] for a in anns]), **params)
     for ann, ga in zip(anns, maps):
-        assert np.abs(ga - np.load(FIXTURES / folder / "expected" / f"{ann['id']}.npy")).max() <= TOL
+        assert np.abs(ga - np.load(fixtures / folder / "expected" / f"{ann['id']}.npy")).max() <= TOL
 
 
 # -------------------------------------------------------------------------- oracle, tiny images
@@ -212,41 +234,103 @@ def test_rle_compressed_and_uncompressed():
     assert all(np.array_equal(m, mask) for m in out)
 
 
-def reference_dense_masks(segmentations, height, width):
-    """The dense rasteriser GAMM used before crops: every polygon tested on its bbox lattice, full size."""
-    out = np.zeros((len(segmentations), height, width), dtype=bool)
-    for k, seg in enumerate(segmentations):
-        if isinstance(seg, dict):
-            out[k] = mask_utils.decode(seg if not isinstance(seg["counts"], list)
-                                       else mask_utils.frPyObjects(seg, height, width)).astype(bool)
-            continue
-        for flat in seg:
-            xy = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
-            if len(xy) < 3:
-                continue
-            c0, r0 = np.maximum(np.ceil(xy.min(0)), 0).astype(int)
-            c1, r1 = np.minimum(np.floor(xy.max(0)), [width - 1, height - 1]).astype(int)
-            if c1 < c0 or r1 < r0:
-                continue
-            rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1]
-            out[k, r0:r1 + 1, c0:c1 + 1] |= shapely.contains_xy(shapely.Polygon(xy), cols, rows)
-    return out
-
-
 def test_mask_crops_are_the_dense_masks():
+    # Reference: the authors' rasteriser on the whole image lattice (the code tests each polygon's bbox only).
     rng = np.random.default_rng(7)
     segs = [[ellipse(*rng.uniform(-6, 46, 2), *rng.uniform(0.3, 9, 2), rng.uniform(0, np.pi))]
             for _ in range(40)]
+    segs += [whole_pixel(ellipse(*rng.uniform(-6, 46, 2), *rng.uniform(1, 9, 2), rng.uniform(0, np.pi)),
+                         clockwise=k % 2 == 0) for k in range(20)]
     segs += [[ellipse(5, 5, 4, 3, 0.0), ellipse(30, 20, 3, 5, 1.0)],  # two parts far apart: one crop
              [[1, 1, 2, 2]], [square(-9, -9, -2, -2)], [square(0.5, 0.5, 0.9, 0.9)], []]  # all empty
+    # Vertices a rounding error off whole pixels: matplotlib counts in the point (x=0, y=7), resp. (0, 4),
+    # just left of the polygon's x range (its crossing test compares rounded products).
+    segs += [[[2e-16, 7.0, 10.0, 6.00000000000019, 11.0, 8.0000000000001, 1.8e-15, 2.0]],
+             [[2e-16, 4.0, 2.99999999999991, 2.999999999999993, 6.00000000000004, 6e-16, 9.99999999999994,
+               4.00000000000004]]]
     mask = rng.random((30, 40)) < 0.3
     mask[:, :5] = False
     segs += [mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))), uncompressed_rle(mask)]
     crops = gamm_mask_crops(segs, 30, 40)
-    dense = reference_dense_masks(segs, 30, 40)
+    dense = oracle_masks(segs, 30, 40)
     assert isinstance(crops, CropMasks) and crops.image_size == (30, 40)
     assert np.array_equal(crops.dense(), dense) and np.array_equal(gamm_masks(segs, 30, 40), dense)
     assert np.array_equal(crops.boxes, CropMasks.from_dense(dense).boxes)  # tight, empty -> (0, 0, 0, 0)
+
+
+# ------------------------------------------------- whole-pixel polygons: lattice points on edges
+def edge_points(segmentations, height, width):
+    """bool [N, H, W]: pixel centres lying exactly on an edge of one of the instance's polygons."""
+    rows, cols = np.mgrid[:height, :width]
+    out = np.zeros((len(segmentations), height, width), dtype=bool)
+    for k, seg in enumerate(segmentations):
+        for flat in seg:
+            out[k] |= shapely.intersects_xy(shapely.Polygon(np.reshape(flat, (-1, 2))).boundary, cols, rows)
+    return out
+
+
+def test_edge_points_follow_the_winding_like_the_authors():
+    # Written out by hand from matplotlib's crossing rule: drawn clockwise on the image, a whole-pixel square
+    # keeps the points of its left, right and bottom edges; counter-clockwise only its bottom edge.
+    cw, ccw = [1, 1, 6, 1, 6, 6, 1, 6], [1, 1, 1, 6, 6, 6, 6, 1]
+    expected = np.zeros((2, 8, 8), bool)
+    expected[0, 2:7, 1:7] = True
+    expected[1, 2:7, 2:6] = True
+    assert np.array_equal(gamm_masks([[cw], [ccw]], 8, 8), expected)
+    assert np.array_equal(oracle_masks([[cw], [ccw]], 8, 8), expected)  # the oracle's rasteriser agrees
+
+
+@pytest.mark.parametrize("fixture_set", FIXTURE_SETS)
+def test_fixture_masks_are_the_authors_rasterisation(fixture_set):
+    on_edges = np.zeros(2, int)  # edge points counted in, left out
+    for folder in FOLDERS:
+        for im, anns in load_fixture(folder, FIXTURE_SETS[fixture_set])[1]:
+            segs = [a["segmentation"] for a in anns]
+            ours = gamm_mask_crops(segs, im["height"], im["width"]).dense()
+            assert np.array_equal(ours, oracle_masks(segs, im["height"], im["width"]))
+            edges = edge_points(segs, im["height"], im["width"])
+            on_edges += ours[edges].sum(), (~ours[edges]).sum()
+    if fixture_set == "gamm":
+        assert on_edges.sum() == 0  # kept away from edges by construction
+    else:  # the point of these fixtures: both outcomes of the boundary rule occur, many times
+        assert np.all(on_edges > 100), on_edges
+
+
+def whole_pixel_image(rng, height, width, n):
+    """(segmentations, category ids, COCO boxes) of n whole-pixel instances on a tiny image: rounded ellipses
+    and rectangles of random winding, about one in five a non-target (0)."""
+    segs, boxes, cats = [], [], []
+    for k in range(n):
+        clockwise = bool(rng.random() < 0.5)
+        if k and rng.random() < 0.4:  # a rectangle whose left edge lies on the previous instance's rightmost
+            # column: the two touch on lattice points, each decided by its own polygon's winding
+            x0 = int(np.max(np.reshape(segs[-1][0], (-1, 2))[:, 0]))
+            y0 = int(rng.integers(0, height - 4))
+            seg = whole_pixel(square(x0, y0, x0 + rng.integers(3, 9), y0 + rng.integers(3, 9)), clockwise)
+        else:
+            flat = ellipse(*rng.uniform(-2, [width + 1, height + 1]), *rng.uniform(2, 9, 2), rng.uniform(0, np.pi))
+            seg = whole_pixel(flat, clockwise)
+        segs.append(seg)
+        boxes.append(coco_box(seg[0]))
+        cats.append(int(rng.random() < 0.8))
+    return segs, cats, np.array(boxes)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_whole_pixel_polygons_match_loop_oracle_with_the_authors_masks(variant):
+    """From segmentations to maps: ours from the polygons, expected from the loop oracle fed with masks of
+    ``Path.contains_points`` itself; edge points decided both ways must occur for the test to mean anything."""
+    rng = np.random.default_rng(200 + VARIANTS.index(variant))
+    on_edges = np.zeros(2, int)
+    for trial in range(5):
+        segs, cats, boxes = whole_pixel_image(rng, 20, 24, int(rng.integers(2, 5)))
+        kw = dict(variant=variant, window_size=3 + trial % 2, ga_factor=0.8, overlap_hl=0.3, target_category_id=1)
+        masks = oracle_masks(segs, 20, 24)
+        ours = compute_ga_maps(gamm_mask_crops(segs, 20, 24), cats, boxes, **kw)
+        np.testing.assert_allclose(ours, oracle_ga_maps(masks, cats, boxes, **kw), rtol=0, atol=1e-6)
+        edges = edge_points(segs, 20, 24)
+        on_edges += masks[edges].sum(), (~masks[edges]).sum()
+    assert np.all(on_edges > 10), on_edges
 
 
 # ------------------------------------------------------------------------------- maps as crops

@@ -19,7 +19,7 @@ LAYERS = {
                   "sparse_maps", "weights_io", "weight_names", "visualize"],
     "data": ["imageio", "annotations", "instances", "transforms", "gamm_windows", "gamm", "ga_store",
              "ga_manifest", "synthetic", "field_layout", "synthetic_field", "dataset_converters", "data", "sampling"],
-    "metrics": ["average_precision", "aji", "cto", "metrics"],
+    "metrics": ["average_precision", "aji", "cto", "cto_zone", "metrics"],
     "model": ["backbone", "rpn", "roi_align", "mask_head", "alrm", "roi_heads", "model", "checkpoint",
               "convert_checkpoint"],
     "inference": ["tiling", "predictor", "exports", "inference"],

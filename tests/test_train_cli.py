@@ -78,7 +78,6 @@ def _real_overrides(tmp_path: Path, out: str, max_iter: int) -> list[str]:
 
 @pytest.fixture
 def synthetic_data(tmp_path):
-    pytest.importorskip("gains.model", reason="gains/model.py not written yet")
     from gains.synthetic import make_synthetic_dataset
     make_synthetic_dataset(tmp_path / "data", num_train=4, num_val=2, num_test=2, image_size=(96, 96))
     return tmp_path
