@@ -173,7 +173,8 @@ def _markdown(table: dict, scored: dict, config: str) -> str:
              "| mode | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for mode, row in table["modes"].items():
         n = max(v[2] for v in row.values())
-        cells = [f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in row else "" for c in cols]
+        cells = [(f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if row[c][2] > 1 else f"{row[c][0]:.2f}") if c in row else ""
+                 for c in cols]
         lines.append(f"| {mode} | {n} | " + " | ".join(cells) + " |")
     if table["paired"]:
         lines += ["", "Paired difference to mask_rcnn (same seed): mean [95 % t-interval over seeds]; per seed.", "",
@@ -186,7 +187,8 @@ def _markdown(table: dict, scored: dict, config: str) -> str:
                     continue
                 r = row[c]
                 seeds = ", ".join(f"{v:+.1f}" for _, v in sorted(r["per_seed"].items()))
-                cells.append(f"{r['mean']:+.2f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] ({seeds})")
+                ci = f" [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}]" if len(r["per_seed"]) > 1 else ""
+                cells.append(f"{r['mean']:+.2f}{ci} ({seeds})")
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", "Every run:", "", "| mode | seed | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for (mode, seed), sc in sorted(scored.items(), key=lambda kv: (MODE_ORDER.index(kv[0][0]), kv[0][1])):

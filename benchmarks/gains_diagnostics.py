@@ -7,7 +7,8 @@ On every image of the split (resized to data.min_size_test, no flips) with its g
 GT box serves as a foreground RoI (the sampled RoIs of training overlap their GT with IoU >= 0.5, so these
 are representative), and its 28 x 28 mask / GA crops are taken exactly as in training (gains.mask_head.TargetCrops).
 Reported, over all RoI pixels of the GA-map category (model.num_classes' category `gamm.target_category_id`):
-- anomalous pixels: the share of RoI pixels with GA > 1, and the share of the total GA weight they carry;
+- anomalous pixels: the share of RoI pixels with GA > 1 (and > 1.1, "strong"), and the share of the total GA
+  weight they carry;
 - mean GA weight: the factor by which the weighted BCE scales the loss on average; together with the mode's
   mask loss weight (0.75 in branch_only / gains) the effective weight of an ordinary (GA = 1) pixel
   relative to Mask R-CNN's, and of an anomalous one;
@@ -38,6 +39,7 @@ from gains.mask_head import MASK_TIE, TargetCrops  # noqa: E402
 from gains.model import MODES  # noqa: E402
 
 EPS = 1e-6  # GA > 1 + EPS counts as anomalous (maps are exactly 1 elsewhere)
+STRONG = 1.1  # GA > STRONG: "strongly" anomalous (a fifth of the range of the paper's ga_factor 0.5)
 
 
 def _split_as_training_data(cfg, split: str):
@@ -61,7 +63,8 @@ def diagnose(model, cfg, split: str) -> dict:
     heads = model.roi_heads
     size = heads.mask_size
     max_ga = 1.0
-    acc = {k: 0.0 for k in ("pixels", "anom", "w", "w_anom", "bce", "bce_anom", "wbce", "wbce_anom")}
+    acc = {k: 0.0 for k in ("pixels", "anom", "strong", "w", "w_anom", "w_strong", "bce", "bce_anom", "wbce",
+                            "wbce_anom")}
     ga_all, a_all, anom_all = [], [], []
     for i in range(len(dataset)):
         image, target = dataset[i]
@@ -84,6 +87,8 @@ def diagnose(model, cfg, split: str) -> dict:
         max_ga = max(max_ga, float(ga.max()))
         acc["pixels"] += ga.numel()
         acc["anom"] += float(anom.sum())
+        acc["strong"] += float((ga > STRONG).sum())
+        acc["w_strong"] += float(ga[ga > STRONG].sum())
         acc["w"] += float(ga.sum())
         acc["w_anom"] += float(ga[anom].sum())
         acc["bce"] += float(bce.sum())
@@ -102,6 +107,7 @@ def diagnose(model, cfg, split: str) -> dict:
     out = {"mode": mode, "split": split, "rois_pixels": int(acc["pixels"]),
            "anomalous_pixel_share": acc["anom"] / acc["pixels"],
            "anomalous_weight_share": acc["w_anom"] / acc["w"],
+           "strong_pixel_share": acc["strong"] / acc["pixels"], "strong_weight_share": acc["w_strong"] / acc["w"],
            "mean_ga_weight": mean_ga, "max_ga_weight": max_ga,
            "mean_ga_on_anomalous": acc["w_anom"] / max(acc["anom"], 1),
            # a pixel's weight in loss_mask relative to Mask R-CNN's (weight 1, no GA)
