@@ -6,6 +6,10 @@
     python preprocess.py --dataset dsb2018-sample [--out DIR] # real DSB2018 nuclei (needs the stardist wheel)
     python preprocess.py --from-labels IMAGES [--labels-dir DIR] --out DIR [--split-ratios 0.6 0.2 0.2]
     python preprocess.py --from-labelme JSON_DIR --out DIR [--split-ratios 0.6 0.2 0.2]
+    python preprocess.py --from-imagej-rois IMAGES [--annotations-dir DIR] --out DIR [--category-from name|group]
+    python preprocess.py --from-geojson IMAGES [--annotations-dir DIR] --out DIR [--category-from class|name|none]
+    python preprocess.py --from-instance-stacks IMAGES [--annotations-dir DIR] --out DIR
+    python preprocess.py --from-dsb2018 DSB_DIR --out DIR
     python preprocess.py --from-detectron2 model_final.pth --config configs/isbi_r50.yaml --out OUT.pth \
         [key=value ...] [--allow-partial] [--allow-config-mismatch]  # the authors' released models
     python preprocess.py --inspect-weights model_final.pth   # format and the config values it implies
@@ -14,7 +18,9 @@
         [--layout compact|authors]
 
 --from-detectron2 writes a gains checkpoint for `evaluate.py --ckpt OUT.pth` (gains/convert_checkpoint.py).
---from-labels, --from-labelme and --dataset dsb2018-sample write a COCO data set folder (train.json + train/, val.json + val/, test.json + test/).
+--from-labels, --from-labelme, the other --from-* converters of annotations (Fiji ROI sets, QuPath GeoJSON,
+instance stacks, the DSB2018 layout; these keep overlapping instances) and --dataset dsb2018-sample write a COCO
+data set folder (train.json + train/, val.json + val/, test.json + test/).
 Maps go to `<out or images>/anomap_ws{N}_f{F}_ol{O}/`: by default one compact lossless `image_{image_id}.npz`
 per image (each map as a crop on its support, gains/ga_store.py); `--layout authors` writes the authors'
 `{annotation_id}.npy`, one dense H x W array per annotation. Training reads both.
@@ -60,9 +66,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="images + instance label images (X.tif + X_masks.tif, or --labels-dir)")
     convert.add_argument("--labels-dir", type=Path, help="label images named like the images")
     convert.add_argument("--from-labelme", type=Path, metavar="JSON_DIR", help="folder of labelme *.json")
+    convert.add_argument("--from-imagej-rois", type=Path, metavar="IMAGES_DIR",
+                         help="images + Fiji / ImageJ ROI sets (X.zip, X_rois.zip, X.roi or a folder X/ of .roi "
+                              "files): one area ROI = one instance, overlaps kept")
+    convert.add_argument("--from-geojson", type=Path, metavar="IMAGES_DIR",
+                         help="images + QuPath GeoJSON (X.geojson or X.<ext>.geojson, from File > Export objects "
+                              "as GeoJSON): one Polygon / MultiPolygon = one instance, holes and overlaps kept")
+    convert.add_argument("--from-instance-stacks", type=Path, metavar="IMAGES_DIR",
+                         help="images + multi-page TIFFs X_masks.tif with one binary page per instance")
+    convert.add_argument("--from-dsb2018", type=Path, metavar="DIR",
+                         help="the DSB2018 layout: DIR/ID/images/ID.png + DIR/ID/masks/*.png (one PNG per instance)")
+    convert.add_argument("--annotations-dir", type=Path,
+                         help="folder of the ROI sets / GeoJSON files / instance stacks (default: the image folder)")
+    convert.add_argument("--category-from", choices=("none", "name", "group", "class"),
+                         help="category of an instance: ROI name (without the ROI Manager's -N suffix) or ROI group "
+                              "(--from-imagej-rois; default none: one class, --category-name); QuPath "
+                              "classification or object name (--from-geojson; default class, unclassified objects "
+                              "get --category-name)")
     convert.add_argument("--split-ratios", type=float, nargs=3, default=(0.6, 0.2, 0.2),
                          metavar=("TRAIN", "VAL", "TEST"), help="image split (default 0.6 0.2 0.2; seed 0)")
-    convert.add_argument("--category-name", default="cell", help="category of label-image instances")
+    convert.add_argument("--category-name", default="cell",
+                         help="category of label-image, stack and DSB2018 instances, and of instances without one")
     weights = p.add_argument_group("the authors' detectron2 checkpoints (write a gains checkpoint to --out)")
     weights.add_argument("--from-detectron2", type=Path, metavar="CKPT",
                          help="detectron2 GAInS / Mask R-CNN checkpoint (.pth or .pkl) to convert")
@@ -78,16 +102,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.overrides and not args.from_detectron2:
         p.error(f"unexpected arguments {' '.join(args.overrides)} (key=value overrides go with --from-detectron2)")
-    modes = (args.dataset, args.from_labels, args.from_labelme, args.from_detectron2, args.inspect_weights)
+    modes = (args.dataset, args.from_labels, args.from_labelme, *instance_sources(args), args.from_detectron2,
+             args.inspect_weights)
     if sum(x is not None for x in modes) > 1:
-        p.error("use one of --dataset, --from-labels, --from-labelme, --from-detectron2, --inspect-weights")
+        p.error("use one of --dataset, --from-labels, --from-labelme, --from-imagej-rois, --from-geojson, "
+                "--from-instance-stacks, --from-dsb2018, --from-detectron2, --inspect-weights")
     if args.from_detectron2 and (args.config is None or args.out is None):
         p.error("--from-detectron2 needs --config CONFIG (the model's YAML) and --out OUT.pth")
     if args.from_detectron2 or args.inspect_weights:
         return args
-    if (args.from_labels or args.from_labelme) and args.out is None:
-        p.error("--from-labels / --from-labelme need --out DIR (the data set folder to write)")
-    if args.from_labels or args.from_labelme:
+    converting = args.from_labels or args.from_labelme or any(instance_sources(args))
+    if converting and args.out is None:
+        p.error("the --from-* converters need --out DIR (the data set folder to write)")
+    if (args.annotations_dir or args.category_from) and not any(instance_sources(args)):
+        p.error("--annotations-dir and --category-from go with --from-imagej-rois, --from-geojson, "
+                "--from-instance-stacks or --from-dsb2018")
+    if converting:
         return args
     if args.dataset in PRESETS:
         json_path, images, variant, ws, ga, ol, target = PRESETS[args.dataset]
@@ -105,6 +135,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         if missing:
             p.error(f"missing {' '.join(missing)} (or use --dataset with a preset: {', '.join(PRESETS)})")
     return args
+
+
+INSTANCE_KINDS = {"from_imagej_rois": "imagej", "from_geojson": "geojson", "from_instance_stacks": "stacks",
+                  "from_dsb2018": "dsb2018"}  # option -> gains.instance_converters kind
+
+
+def instance_sources(args) -> list:
+    """The values of the --from-* options of per-instance annotations (None where not given)."""
+    return [getattr(args, option) for option in INSTANCE_KINDS]
 
 
 def write_visualizations(records, store, out_dir: Path, k: int) -> int:
@@ -170,11 +209,19 @@ def run_gamm(args) -> int:
 def run_convert(args) -> int:
     from gains.annotations import DataError
     from gains.dataset_converters import convert_dsb2018_sample, convert_folder, describe_dataset
+    from gains.instance_converters import convert_instance_folder
 
     try:
         if args.dataset == "dsb2018-sample":
             out = args.out or Path("data/dsb2018")
             convert_dsb2018_sample(out, overwrite=args.overwrite)
+        elif any(instance_sources(args)):
+            out = args.out
+            option = next(o for o in INSTANCE_KINDS if getattr(args, o) is not None)
+            convert_instance_folder(getattr(args, option), out, kind=INSTANCE_KINDS[option],
+                                    annotations_dir=args.annotations_dir, split_ratios=args.split_ratios,
+                                    category_from=args.category_from, category_name=args.category_name,
+                                    overwrite=args.overwrite)
         else:
             out = args.out
             convert_folder(args.from_labels or args.from_labelme, out,
@@ -216,7 +263,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_detectron2 or args.inspect_weights:
         return run_convert_weights(args)
-    if args.dataset == "dsb2018-sample" or args.from_labels or args.from_labelme:
+    if args.dataset == "dsb2018-sample" or args.from_labels or args.from_labelme or any(instance_sources(args)):
         return run_convert(args)
     if args.dataset == "synthetic":
         from gains.synthetic import make_synthetic_dataset

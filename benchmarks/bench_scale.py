@@ -565,7 +565,8 @@ def part3(args, work: Path) -> str:
     crop = args.p3_crop
     overlap = int(math.ceil(2 * largest / 8) * 8)
     tiled = {"tiling": "always", "tile_size": crop, "tile_overlap": overlap, "min_size_test": crop,
-             "max_size_test": crop, "detections_per_tile": 300}
+             "max_size_test": crop, "detections_per_tile": 300,
+             "tile_scale": 1.0}  # the training crops' scale (test.tile_scale=auto with data.crop_size=crop)
     base = {"overrides": overrides, "checkpoint": str(ckpt), "threads": args.threads, "kind": "predict"}
     whole = {"tiling": "never", "max_downscale": 0, "detections_per_tile": 300}
     big_runs = {

@@ -1,7 +1,8 @@
 """Aggregated Jaccard Index family on per-instance masks (overlaps allowed): METRICS.md §2-§3.
 
 Three definitions, never to be confused:
-- `aji` (the GAInS/DoNet tables): per category, detections score-sorted (stable) and cut at 100; each GT
+- `aji` (the GAInS/DoNet tables): per category, detections score-sorted (stable) and cut at `max_dets`
+  (100 in the published evaluator, COCO's maxDets; the evaluator's `test.max_dets_eval`); each GT
   in annotation order takes the free detection with the largest IoU if IoU >= 0.5 (a tie goes to the later
   detection). mode 'clean' is that definition; mode 'gains' reproduces the published evaluator, which
   repeats it for the 4 COCO area ranges and averages, adding for unmatched GT positions the areas of
@@ -9,7 +10,8 @@ Three definitions, never to be confused:
 - `aji_kumar` (Kumar et al. 2017): each GT takes its max-IoU detection (IoU > 0), detections reusable.
 - `aji_plus` (HoVer-Net AJI+): one-to-one Hungarian matching maximising IoU, zero-IoU pairs dropped.
 
-All sums are exact integer pixel counts. Every per-image helper takes
+Kumar and AJI+ take the same cap when one is given (`aji_from_overlaps`), so one evaluation scores one
+set of detections with every metric. All sums are exact integer pixel counts. Every per-image helper takes
     inter       int64 [D, G]  |d ∩ g| with detections in descending score order (stable)
     gt_pixels   int64 [G]     |g|
     det_pixels  int64 [D]     |d|
@@ -139,7 +141,9 @@ def aji_from_overlaps(images: list[ImageInstances], overlaps, category_ids, kind
                       max_dets: int | None = 100) -> dict:
     """The AJI `kind` ('aji' | 'aji_kumar' | 'aji_plus') from `category_overlaps` of every image.
 
-    overlaps[n] must hold at least the top `max_dets` detections of image n (all of them for Kumar/AJI+).
+    max_dets: every kind scores only the top `max_dets` detections (by score, stable) of each image and
+    category, the cap COCO AP uses (the evaluator's `test.max_dets_eval`); None scores them all.
+    overlaps[n] must hold at least those detections of image n.
     """
     if mode not in AJI_MODES:
         raise ValueError(f"aji mode must be one of {AJI_MODES}, got {mode!r}")
@@ -150,9 +154,9 @@ def aji_from_overlaps(images: list[ImageInstances], overlaps, category_ids, kind
         for c, ov in per_cat.items():
             if c not in category_ids:
                 continue
-            inter, gp, dp = ov.inter, ov.gt_pixels, ov.det_pixels
+            # rows are in score order, so the cap is a prefix; slicing by None keeps them all
+            inter, gp, dp = ov.inter[:max_dets], ov.gt_pixels, ov.det_pixels[:max_dets]
             if kind == "aji":
-                inter, dp = inter[:max_dets], dp[:max_dets]
                 if len(gp) == 0 or len(dp) == 0:
                     values[c] = 0.0
                 elif mode == "gains":
@@ -192,11 +196,12 @@ def aji(gt_per_image, det_per_image, category_ids, mode: str = "clean", max_dets
     return _dataset(gt_per_image, det_per_image, category_ids, "aji", mode, max_dets)
 
 
-def aji_kumar(gt_per_image, det_per_image, category_ids) -> dict:
-    """Data-set Kumar AJI (all detections used, score order irrelevant except for ties); as `aji`."""
-    return _dataset(gt_per_image, det_per_image, category_ids, "aji_kumar")
+def aji_kumar(gt_per_image, det_per_image, category_ids, max_dets: int | None = None) -> dict:
+    """Data-set Kumar AJI (score order irrelevant except for ties and the cap); as `aji`. max_dets: only the
+    top max_dets detections per image and category take part (None: all)."""
+    return _dataset(gt_per_image, det_per_image, category_ids, "aji_kumar", max_dets=max_dets)
 
 
-def aji_plus(gt_per_image, det_per_image, category_ids) -> dict:
-    """Data-set AJI+ (HoVer-Net); result layout as `aji`."""
-    return _dataset(gt_per_image, det_per_image, category_ids, "aji_plus")
+def aji_plus(gt_per_image, det_per_image, category_ids, max_dets: int | None = None) -> dict:
+    """Data-set AJI+ (HoVer-Net); result layout and max_dets as `aji_kumar`."""
+    return _dataset(gt_per_image, det_per_image, category_ids, "aji_plus", max_dets=max_dets)

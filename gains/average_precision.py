@@ -358,20 +358,32 @@ def _mean_valid(x: np.ndarray) -> float:
 
 
 def summarize(precision: np.ndarray, recall: np.ndarray, max_dets) -> list[float]:
-    """The 12 COCOeval.stats from precision [T,R,K,A,M] and recall [T,K,A,M]."""
-    def ap(iou=None, area=0, max_det=100):
-        if max_det not in max_dets:
-            return -1.0
-        s = precision[..., area, list(max_dets).index(max_det)]
+    """The 12 COCOeval.stats from precision [T,R,K,A,M] and recall [T,K,A,M], every one at the largest of
+    `max_dets` except AR1 / AR10 (`stat_names(max_dets)` names them).
+
+    One deliberate difference from pycocotools' `summarize()`: its first stat (AP@[.5:.95]) is hard-coded
+    to maxDets=100 and prints -1 whenever 100 is not in maxDets, while its other AP stats use the largest
+    maxDets. Here stats[0] is AP at the largest maxDets too: the mean of pycocotools' own
+    `eval["precision"][:, :, :, 0, -1]`, i.e. exactly its number whenever maxDets ends in 100.
+    """
+    last = max_dets[2]
+
+    def ap(iou=None, area=0):
+        s = precision[..., area, list(max_dets).index(last)]
         return _mean_valid(s if iou is None else s[np.where(IOU_THRESHOLDS == iou)[0]])
 
-    def ar(area=0, max_det=100):
+    def ar(area=0, max_det=last):
         return _mean_valid(recall[..., area, list(max_dets).index(max_det)])
 
-    last = max_dets[2]
-    return [ap(), ap(0.5, 0, last), ap(0.75, 0, last), ap(None, 1, last), ap(None, 2, last),
-            ap(None, 3, last), ar(0, max_dets[0]), ar(0, max_dets[1]), ar(0, last), ar(1, last),
-            ar(2, last), ar(3, last)]
+    return [ap(), ap(0.5), ap(0.75), ap(None, 1), ap(None, 2), ap(None, 3), ar(0, max_dets[0]),
+            ar(0, max_dets[1]), ar(0), ar(1), ar(2), ar(3)]
+
+
+def stat_names(max_dets) -> tuple[str, ...]:
+    """Names of the 12 stats for these maxDets: STAT_NAMES with the three AR@maxDets named by their caps,
+    e.g. (1, 10, 1000) -> ..., "AR1", "AR10", "AR1000", ... (pycocotools prints "maxDets=1000")."""
+    m = sorted(int(v) for v in max_dets)
+    return STAT_NAMES[:6] + (f"AR{m[0]}", f"AR{m[1]}", f"AR{m[2]}") + STAT_NAMES[9:]
 
 
 # ----------------------------------------------------------------------------------------- entry point
@@ -424,7 +436,7 @@ def evaluate_images(images: list[ImageInstances], category_ids, iou_type="segm",
     # per category: area 'all', the largest max_dets (detectron2's convention); -1 = no GT
     per_category = {c: {name: _mean_valid(precision[t, :, k, 0, -1]) for name, t in at.items()}
                     for k, c in enumerate(category_ids)}
-    return {"iou_type": iou_type, "stats": stats, "stat_names": list(STAT_NAMES),
+    return {"iou_type": iou_type, "stats": stats, "stat_names": list(stat_names(max_dets)),
             **{name: 100.0 * stats[i] for i, name in enumerate(STAT_NAMES[:3])},
             "per_category": per_category, "precision": precision, "recall": recall}
 
@@ -436,6 +448,9 @@ def evaluate_instances(gt_per_image, det_per_image, category_ids, iou_type="segm
     Returns {"stats": 12 floats as COCOeval.stats (fractions, -1 = undefined), "stat_names",
     "AP", "AP50", "AP75": stats[0:3] x 100, "per_category": {cat_id: {"AP", "AP50", "AP75"}} (fractions;
     -1 for a category without GT), "precision": float64 [T=10,R=101,K,A=4,M=3], "recall": [T,K,A,M]}.
-    Equal to pycocotools COCOeval on the same data (images = the given list, categories = category_ids).
+    Equal to pycocotools COCOeval with `params.maxDets = max_dets` on the same data (images = the given list,
+    categories = category_ids); with maxDets not ending in 100, stats[0] is AP at the largest maxDets where
+    pycocotools' summarize() prints -1 (`summarize`). max_dets: COCO's three per-(image, category) caps;
+    detections beyond the largest are never scored.
     """
     return evaluate_images(normalize_images(gt_per_image, det_per_image), category_ids, iou_type, max_dets)

@@ -10,7 +10,9 @@
   Only the strides differ, so parameter names and shapes stay torchvision's either way.
 - P6 is a stride-2 subsampling of P5 (torchvision LastLevelMaxPool == detectron2 LastLevelMaxPool).
 
-Weights are read only from a local file; nothing is ever downloaded.
+Weights are read only from a local file; nothing is ever downloaded. The file's kind (torchvision state dict,
+MSRA caffe2 / detectron2 `.pkl` or `.pth`) decides the input the weights expect; `ResNetFPN.weights_input`
+holds it so that `gains.model.build_model` can refuse a config that would feed them other input.
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .errors import CheckpointError
-from .weight_names import RESNET_BLOCKS, resnet_state_from_foreign
+from .weight_names import (RESNET_BLOCKS, TORCHVISION_INPUT, InputConvention, input_convention,
+                           resnet_state_from_foreign, weights_format)
 from .weights_io import read_foreign_weights, torch_load_safely
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_EXPECTED = ("an ImageNet ResNet state dict saved with torch.save(model.state_dict()) (torchvision names) "
-                    "or detectron2's MSRA R-50.pkl / R-101.pkl")
+WEIGHTS_EXPECTED = ("detectron2's MSRA R-50.pkl / R-101.pkl, or an ImageNet ResNet state dict saved with "
+                    "torch.save(model.state_dict()) (torchvision names)")
 
 
 class WeightsNotFoundError(CheckpointError, FileNotFoundError):
@@ -107,10 +110,27 @@ def _unwrap_state_dict(obj) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def load_resnet_weights(net: ResNet, path: str | Path) -> None:
-    """Copy ImageNet weights from a local file into `net`, in place: a torchvision ResNet state dict
-    (`.pth`), or an MSRA caffe2 / detectron2 `.pkl` (detectron2's `R-50.pkl`, `R-101.pkl`; names converted
-    by gains/weight_names.py, BN statistics set to mean 0 / var 1 where the file has none).
+def _read_weights_file(path: Path) -> tuple[dict, dict]:
+    """(state dict, top-level entries such as detectron2's `__author__`) of a `.pkl` (numpy-only unpickler)
+    or a torch.save file (weights_only), with the usual wrappers ({'model': ...}, {'state_dict': ...}) removed."""
+    if path.suffix == ".pkl":
+        return read_foreign_weights(path)
+    obj = torch_load_safely(path, expected=WEIGHTS_EXPECTED, what="backbone weights (model.backbone.weights)")
+    meta = {k: obj[k] for k in ("__author__",) if isinstance(obj, dict) and k in obj}
+    try:
+        return _unwrap_state_dict(obj), meta
+    except WeightsMismatchError as e:
+        raise WeightsMismatchError(f"{path} (model.backbone.weights): {e}") from None
+
+
+def load_resnet_weights(net: ResNet, path: str | Path) -> InputConvention:
+    """Copy ImageNet weights from a local file into `net`, in place, and return the input they were trained
+    on (gains.weight_names.InputConvention). Recognised by their names, whatever the suffix: a torchvision
+    ResNet state dict (RGB, torchvision mean/std, stride in the 3x3 conv), MSRA caffe2 weights (detectron2's
+    `R-50.pkl`, `R-101.pkl`: BGR, MSRA mean, std 1, stride in the 1x1 conv), or a detectron2 file (trunk
+    taken from `backbone.bottom_up`; its convention from its `__author__` / pixel_mean / pixel_std). caffe2
+    and detectron2 names are converted by gains/weight_names.py; BN statistics absent from the file are set
+    to mean 0 / var 1. A gains checkpoint (a whole model) is refused with the key that takes it (init_weights).
 
     Errors name every missing or shape-mismatched parameter; unknown keys (other than the classifier
     `fc.*` and, with GroupNorm, BN running statistics) are reported in a warning.
@@ -118,18 +138,21 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"backbone weights not found: {path}. Nothing is downloaded: save an ImageNet ResNet state dict "
-            "there (e.g. `torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
-            f"'{path}')` on a machine with internet, or detectron2's MSRA R-50.pkl / R-101.pkl), or set "
-            "model.backbone.weights=null to train from scratch")
-    if path.suffix == ".pkl":
-        state = _read_pkl_weights(net, path)
-    else:
-        obj = torch_load_safely(path, expected=WEIGHTS_EXPECTED, what="backbone weights (model.backbone.weights)")
-        try:
-            state = _unwrap_state_dict(obj)
-        except WeightsMismatchError as e:
-            raise WeightsMismatchError(f"{path} (model.backbone.weights): {e}") from None
+            f"backbone weights not found: {path}. Nothing is downloaded: put detectron2's MSRA ImageNet weights "
+            "there (ImageNetPretrained/MSRA/R-50.pkl or R-101.pkl, which the paper configs' input keys fit), or "
+            "a torchvision ResNet state dict (`torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1')"
+            ".state_dict(), PATH)` on a machine with internet; it needs model.input_format=RGB, torchvision's "
+            "pixel_mean / pixel_std and model.backbone.stride_in_1x1=false), or train from scratch with "
+            "model.backbone.weights=null model.backbone.norm=gn model.backbone.freeze_at=0")
+    state, meta = _read_weights_file(path)
+    fmt = weights_format(state)
+    if fmt == "gains":
+        raise WeightsMismatchError(f"{path} (model.backbone.weights) is a gains checkpoint of a whole model, not "
+                                   f"ImageNet ResNet weights: set init_weights={path} model.backbone.weights=null")
+    # unknown names fail the completeness check below; if they pass, they are torchvision's
+    convention = input_convention(state, meta) or TORCHVISION_INPUT
+    if fmt in ("caffe2", "detectron2"):
+        state = _convert_foreign_weights(path, state)
     own = net.state_dict()
     # group by module ("layer1.2.bn1" rather than its 4 tensors) so the message stays readable
     missing = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in own
@@ -148,18 +171,15 @@ def load_resnet_weights(net: ResNet, path: str | Path) -> None:
         for k, v in own.items():
             if k in state:
                 v.copy_(state[k].to(v.dtype))
+    return convention
 
 
-def _read_pkl_weights(net: ResNet, path: Path) -> dict:
-    """MSRA caffe2 / detectron2 pickle -> torchvision names; ignored blobs are logged, not dropped silently."""
-    state, report = resnet_state_from_foreign(read_foreign_weights(path)[0])
+def _convert_foreign_weights(path: Path, state: dict) -> dict:
+    """MSRA caffe2 / detectron2 names -> torchvision names; ignored blobs are logged, not dropped silently."""
+    state, report = resnet_state_from_foreign(state)
     logger.info("%s: %s", path, report.describe())
     if report.unknown:
         warnings.warn(f"{path}: ignored {len(report.unknown)} unknown keys: {report.unknown[:20]}")
-    stride_in_3x3 = hasattr(net.layer2[0], "conv3") and net.layer2[0].conv1.stride == (1, 1)
-    if report.source_format == "caffe2" and stride_in_3x3:
-        warnings.warn(f"{path}: MSRA weights were trained with the stride in the 1x1 conv; this ResNet has it "
-                      "in the 3x3 conv (model.backbone.stride_in_1x1=false), so its features will be off")
     return state
 
 
@@ -175,8 +195,8 @@ class ResNetFPN(nn.Module):
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
         self.body = build_resnet(depth, norm, stride_in_1x1)
-        if weights:
-            load_resnet_weights(self.body, weights)
+        # the input the loaded weights expect (None without weights); build_model compares it with the config
+        self.weights_input: InputConvention | None = load_resnet_weights(self.body, weights) if weights else None
         self._freeze(freeze_at)
         width = 64 if RESNET_LAYERS[depth][0] is BasicBlock else 256
         self.fpn = FeaturePyramidNetwork([width, width * 2, width * 4, width * 8], out_channels,

@@ -23,8 +23,9 @@ The authors' detectron2 checkpoints are converted once into this format (gains/c
     python preprocess.py --inspect-weights model_final.pth   # format and the config values it implies
     python preprocess.py --from-detectron2 model_final.pth --config configs/isbi_r50.yaml --out gains_isbi_r50.pth
 
-`load_weights_for_finetune` (`init_weights`) also takes detectron2 checkpoints and MSRA `.pkl` files directly
-(names mapped by gains/weight_names.py).
+`load_weights_for_finetune` (`init_weights`) also takes detectron2 checkpoints, MSRA `.pkl` files and torchvision
+ResNet state dicts directly (names mapped by gains/weight_names.py), and refuses a file trained on other input
+than the model's (channel order, pixel mean/std, stride layout), naming the config keys to set.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from torch import nn
 
 from .atomic import atomic_write, write_text_atomic
 from .errors import CheckpointError
-from .weight_names import convert_detectron2_state_dict, resnet_state_from_foreign, weights_format
+from .weight_names import (InputConvention, check_input_convention, convert_detectron2_state_dict, input_convention,
+                           resnet_state_from_foreign, weights_format)
 from .weights_io import LoadReport, compare_state_dicts, read_foreign_weights, torch_load_safely
 
 logger = logging.getLogger(__name__)
@@ -117,12 +119,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def _model_state_from(obj: Any, path: Path, convert_foreign: bool = False) -> dict[str, torch.Tensor]:
     """The model state dict inside a loaded file: our checkpoint, {'model': sd}, or a bare state dict.
 
-    detectron2 / MSRA names are converted (with the conversion report logged) when `convert_foreign`, and
-    refused with the command that converts them otherwise."""
+    detectron2 / MSRA / torchvision-ResNet names are converted (with the conversion report logged) when
+    `convert_foreign`, and refused with the command that converts them otherwise."""
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if isinstance(sd, dict) and sd:
         fmt = weights_format(sd)
-        if fmt in ("detectron2", "caffe2"):
+        if fmt in ("detectron2", "caffe2", "torchvision"):
             if not convert_foreign:
                 raise CheckpointError(f"{path} is a {fmt} checkpoint: convert it first with "
                                       f"`{CONVERT_HINT.format(path=path)}`")
@@ -136,6 +138,12 @@ def _model_state_from(obj: Any, path: Path, convert_foreign: bool = False) -> di
 
 
 def _convert_foreign(sd: dict, fmt: str, path: Path) -> dict[str, torch.Tensor]:
+    if fmt == "torchvision":  # the trunk of our backbone has torchvision's names; the classifier has no place
+        kept = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        dropped = [k for k in kept if k.startswith("fc.") or k.endswith("num_batches_tracked")]
+        logger.warning("%s: torchvision ResNet names loaded as backbone.body.*; ignored (classifier, BN step "
+                       "counters): %s", path, dropped)
+        return {"backbone.body." + k: v for k, v in kept.items() if k not in dropped}
     if fmt == "caffe2":
         body, report = resnet_state_from_foreign(sd)
         sd = {"backbone.body." + k: v for k, v in body.items()}
@@ -143,6 +151,18 @@ def _convert_foreign(sd: dict, fmt: str, path: Path) -> dict[str, torch.Tensor]:
         sd, report = convert_detectron2_state_dict(sd, strict=False)
     logger.warning("%s: converted from %s names:\n%s", path, fmt, report.describe())
     return sd
+
+
+def _input_convention_of(ckpt: Any) -> InputConvention | None:
+    """The input the weights of a read checkpoint were trained on: a gains checkpoint's resolved config, else
+    the file's kind (weight_names.input_convention); None when nothing says (a bare state dict of ours)."""
+    if not isinstance(ckpt, dict):
+        return None
+    config = ckpt.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return InputConvention.from_config(config["model"], "a gains checkpoint")
+    sd = ckpt.get("model", ckpt)
+    return input_convention(sd, ckpt) if isinstance(sd, dict) else None
 
 
 def _config_differences(saved: dict | None, current: dict | None, prefix: str = "model") -> list[str]:
@@ -203,11 +223,18 @@ def load_weights_for_finetune(model: nn.Module, path: str | os.PathLike) -> Load
     ImageNet weights are converted on the fly (gains/weight_names.py; the conversion report is logged).
     Missing, unexpected and shape-mismatched keys are skipped and logged by name (a warning), and returned
     in the LoadReport. Nothing of the optimizer/iteration is taken. Raises
-    CheckpointError when not a single tensor fits (almost certainly the wrong file or architecture).
+    CheckpointError when not a single tensor fits (almost certainly the wrong file or architecture), and
+    WeightsInputError when the file was trained on other input than `model` feeds its backbone (the file's
+    kind decides: MSRA / detectron2, torchvision, or a gains checkpoint's own config; models without
+    `input_settings()` are not checked).
     """
     path = Path(path)
-    ckpt_sd = _model_state_from(read_checkpoint(path), path, convert_foreign=True)
+    ckpt = read_checkpoint(path)
+    ckpt_sd = _model_state_from(ckpt, path, convert_foreign=True)
     bare = unwrap_model(model)
+    convention = _input_convention_of(ckpt)
+    if convention is not None and callable(getattr(bare, "input_settings", None)):
+        check_input_convention(convention, bare.input_settings(), f"{path} (init_weights)")
     report = compare_state_dicts(bare.state_dict(), ckpt_sd)
     if not report.loaded:
         raise CheckpointError(f"no tensor of {path} fits the model: {report.describe()}")

@@ -46,6 +46,8 @@ TYPES = {
     "model.roi_heads.mask_loss_weight": "float | null",
     "solver.amp": "bool | int | str",                   # false / true (0 / 1) / bf16 / fp16 (precision.parse_amp)
     "test.detections_per_tile": "int | null",
+    "test.max_dets_eval": "int | null",                 # null = no cap (scoring.check_max_dets: >= 10)
+    "test.tile_scale": "float | str",                   # a resize factor or 'auto' (predictor.tile_scale_from_config)
 }
 
 _FORM = re.compile(r"^(null|int|float|bool|str)$|^list\[(int|float|bool|str)(?:,\s*(\d+))?\]$")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -108,9 +107,7 @@ def convert_checkpoint(src, dst, cfg, *, allow_partial: bool = False,
         notes.append("WARNING: " + msg)
     build_cfg = copy.deepcopy(cfg)
     build_cfg.model.backbone.weights = None  # every weight comes from the checkpoint
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "frozen BN without ImageNet weights": they come from the file
-        model = build_model(build_cfg)
+    model = build_model(build_cfg)
     if "pixel_mean" not in state:
         notes.append(f"no pixel_mean/pixel_std in the file: MSRA's {MSRA_PIXEL_MEAN} / {MSRA_PIXEL_STD}, BGR assumed")
     converted, report = convert_detectron2_state_dict(state, num_classes=int(cfg.model.num_classes),

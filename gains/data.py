@@ -1,7 +1,8 @@
 """The data set: validated COCO records -> (image, target) items in torchvision's format (DESIGN.md §2).
 
 Item: `image` float32 [3,H,W] in [0,1] (cropped/resized/flipped); `target` = {
-    boxes float32 [N,4] xyxy pixels (from the transformed masks), labels int64 [N] in 1..K,
+    boxes float32 [N,4] xyxy pixels (the annotation's box through the same transform, as detectron2; see
+    gains/transforms.py), labels int64 [N] in 1..K,
     masks uint8 [N,H,W], ga float32 [N,H,W] (only when GA maps are used), image_id int,
     ann_ids int64 [N], orig_size (H0, W0), dropped_fragments int (instances cut by a random crop whose
     visible part was below `data.crop_min_area`) }.
@@ -9,7 +10,8 @@ With `data.target_format: sparse` (the default) `masks` and `ga` are `SparseMaps
 each instance's mask and GA map is a patch on its box, so memory grows with the instances' area, not with
 N x H x W, and the model computes the same losses as with the dense tensors (`target_format: dense`).
 Crowd annotations are not instances to learn; they are left out of targets (as detectron2 does) and kept in
-the records for evaluation.
+the records for evaluation. Instances whose box or mask is empty after the transforms (a tiny instance in a
+downscale, a box clipped away) are left out too, as detectron2's filter_empty_instances does.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from .imageio import read_image
 from .instances import CropMasks
 from .sparse_maps import sparse_masks_from_crops
 from .synthetic import make_synthetic_dataset
-from .transforms import EvalTransform, RandomCrop, TrainTransform, masks_to_boxes, resized_shape
+from .transforms import (EvalTransform, RandomCrop, TrainTransform, nonempty_instances, resized_shape, select,
+                         xywh_to_xyxy)
 
 SPLITS = ("train", "val", "test")
 TARGET_FORMATS = ("sparse", "dense")
@@ -78,13 +81,22 @@ class InstanceDataset(torch.utils.data.Dataset):
                             f"json says {(record.height, record.width)}; fix the json's height/width")
         anns = [a for a in record.annotations if not a.iscrowd]
         masks, ga = self._instances(record, anns)
+        # the json's box (or pycocotools' box of the segmentation, annotations.load_coco), not the mask's
+        boxes = xywh_to_xyxy([a.bbox for a in anns])
         dropped = 0
         if self.crop is not None:
-            image, masks, ga, keep, dropped = self.crop(image, masks, ga)
+            image, masks, ga, boxes, keep, dropped = self.crop(image, masks, ga, boxes)
             anns = [anns[i] for i in keep.tolist()]
-        image, masks, ga = self.transform(image, masks, ga)
+        sample = self.transform.draw(*image.shape[-2:])
+        image, masks, ga = sample.apply(image, masks, ga)
+        boxes = sample.apply_boxes(boxes)
+        keep = nonempty_instances(boxes, masks)
+        if not bool(keep.all()):
+            keep = torch.nonzero(keep)[:, 0]
+            masks, ga = select(masks, ga, keep)
+            boxes, anns = boxes[keep], [anns[i] for i in keep.tolist()]
         target = {
-            "boxes": masks_to_boxes(masks),
+            "boxes": boxes,
             "labels": torch.tensor([a.label for a in anns], dtype=torch.int64),
             "masks": masks,
             "image_id": record.image_id,

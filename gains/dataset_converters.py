@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import contourpy
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -27,6 +26,7 @@ from scipy import ndimage
 from .atomic import atomic_folder
 from .annotations import DataError, load_coco
 from .imageio import read_image_array, read_image_size
+from .mask_polygons import crop_annotation
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABEL_SUFFIX = "_masks"                               # cellpose's naming: X.tif <-> X_masks.tif
@@ -36,29 +36,6 @@ STARDIST_PIP = "/work/venv/bin/pip install --no-deps stardist==0.9.2"
 
 
 # ------------------------------------------------------------------------------------ label images -> COCO
-def _ring_polygons(crop: np.ndarray) -> tuple[list[np.ndarray], int]:
-    """Boundary of a bool crop [h, w] -> (outer rings, float64 [P, 2] xy in crop coordinates; hole count).
-
-    Marching squares at level 0.5 on the pixel centres (c + 0.5, r + 0.5): every vertex lies half-way between
-    a foreground and a background centre, so a ring separates the pixels exactly and rasterises back to them
-    (pycocotools fills a pixel whose centre is inside). Collinear vertices are dropped. Outer rings have a
-    positive shoelace area (x right, y down), holes a negative one; diagonal-only contacts give separate rings.
-    """
-    z = np.pad(crop.astype(np.float64), 1)
-    gen = contourpy.contour_generator(np.arange(z.shape[1]) - 0.5, np.arange(z.shape[0]) - 0.5, z,
-                                      line_type=contourpy.LineType.Separate)
-    rings, holes = [], 0
-    for line in gen.lines(0.5):
-        ring, nxt = line[:-1], np.roll(line[:-1], -1, 0)  # closed lines repeat their first point
-        if np.sum(ring[:, 0] * nxt[:, 1] - nxt[:, 0] * ring[:, 1]) < 0:
-            holes += 1
-            continue
-        d_in, d_out = ring - np.roll(ring, 1, 0), nxt - ring
-        cross = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0]
-        rings.append(ring[(cross != 0) | ((d_in * d_out).sum(1) < 0)])
-    return rings, holes
-
-
 def _check_label_image(label: np.ndarray, where: str) -> np.ndarray:
     if label.ndim == 3 and label.shape[-1] == 1:
         label = label[..., 0]
@@ -87,42 +64,16 @@ def label_image_to_annotations(label: np.ndarray, *, image_id: int, first_id: in
     are polygons whose rasterisation has IoU < ``min_iou`` with the pixels (a safety net). ``stats`` (Counter)
     gets "instances", "multi_part", "rle_tiny", "rle_holes", "rle_fallback" added.
     """
-    if segmentation not in ("polygon", "rle") or holes not in ("rle", "fill"):
-        raise ValueError(f"segmentation must be 'polygon' or 'rle' and holes 'rle' or 'fill', "
-                         f"got {segmentation!r}, {holes!r}")
     label = _check_label_image(np.asarray(label), f"image id {image_id}")
-    stats = stats if stats is not None else Counter()
     # ids -> 1..K (find_objects allocates up to the largest id); 0 stays background even if nothing is
     ids, compact = np.unique(label, return_inverse=True)
     compact = compact.reshape(label.shape) + int(ids[0] != 0)
-    full = np.zeros(label.shape, np.uint8, order="F")
     annotations = []
     for k, sl in enumerate(ndimage.find_objects(compact), start=1):  # every k in 1..K occurs: no None
-        crop, y0, x0 = compact[sl] == k, sl[0].start, sl[1].start
-        pixels, seg = int(crop.sum()), None
-        kind = "rle_tiny" if pixels < min_polygon_pixels else None
-        if segmentation == "polygon" and kind is None:
-            rings, n_holes = _ring_polygons(crop)
-            back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(
-                [r.ravel().tolist() for r in rings], *crop.shape))) > 0
-            if n_holes and holes == "rle":
-                kind = "rle_holes"
-            elif np.logical_and(back, crop).sum() / np.logical_or(back, crop).sum() < min_iou:
-                kind = "rle_fallback"
-            else:
-                seg = [(r + (x0, y0)).ravel().tolist() for r in rings]
-                stats["multi_part"] += len(rings) > 1
-        if seg is None:
-            full[sl] = crop
-            seg = mask_utils.encode(full)
-            seg["counts"] = seg["counts"].decode("ascii")
-            full[sl] = 0
-            stats[kind] += kind is not None and segmentation == "polygon"
-        stats["instances"] += 1
-        annotations.append({"id": first_id + len(annotations), "image_id": int(image_id),
-                            "category_id": int(category_id), "segmentation": seg, "area": float(pixels),
-                            "bbox": [float(x0), float(y0), float(sl[1].stop - x0), float(sl[0].stop - y0)],
-                            "iscrowd": 0})
+        annotations.append(crop_annotation(compact[sl] == k, sl[1].start, sl[0].start, *label.shape,
+                                           ann_id=first_id + len(annotations), image_id=image_id,
+                                           category_id=category_id, segmentation=segmentation, holes=holes,
+                                           min_polygon_pixels=min_polygon_pixels, min_iou=min_iou, stats=stats))
     return annotations
 
 
@@ -160,11 +111,12 @@ def labels_to_coco(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
                         "converted from instance label images by gains.dataset_converters", **options)
 
 
-def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None
-                     ) -> list[tuple[Path, Path]]:
+def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None,
+                     what: str = "label image") -> list[tuple[Path, Path]]:
     """[(image, label image)] sorted by image name: ``X.<ext>`` <-> ``X_masks.<ext>`` in ``images_dir``, or
     <-> ``X.<ext>`` / ``X_masks.<ext>`` in ``labels_dir`` (any image suffixes). Raises DataError listing
-    unpaired or ambiguous files, or when there is no image."""
+    unpaired or ambiguous files, or when there is no image; ``what`` names the paired files in it (instance
+    stacks are paired the same way)."""
     def listing(folder) -> list[Path]:
         if not Path(folder).is_dir():
             raise DataError(f"folder {folder} not found")
@@ -177,14 +129,14 @@ def pair_label_files(images_dir: str | os.PathLike, labels_dir: str | os.PathLik
     for p in labels:
         by_stem.setdefault(p.stem.removesuffix(LABEL_SUFFIX), []).append(p)
     found = [(image, by_stem.pop(image.stem, [])) for image in images]
-    problems = {"images without a label image": [i for i, ls in found if not ls],
-                "images with several label images": [i for i, ls in found if len(ls) > 1],
-                "label images without an image": [p for ps in by_stem.values() for p in ps]}
-    problems = [f"{what} ({len(ps)}): {', '.join(p.name for p in ps[:10])}{' ...' if len(ps) > 10 else ''}"
-                for what, ps in problems.items() if ps]
+    problems = {f"images without a {what}": [i for i, ls in found if not ls],
+                f"images with several {what}s": [i for i, ls in found if len(ls) > 1],
+                f"{what}s without an image": [p for ps in by_stem.values() for p in ps]}
+    problems = [f"{kind} ({len(ps)}): {', '.join(p.name for p in ps[:10])}{' ...' if len(ps) > 10 else ''}"
+                for kind, ps in problems.items() if ps]
     if problems:
         raise DataError(f"pairing {images_dir} with {labels_dir or images_dir}: " + "; ".join(problems)
-                        + f". Name labels X{LABEL_SUFFIX}.<ext> beside X.<ext>, or X.<ext> in the label folder")
+                        + f". Name each {what} X{LABEL_SUFFIX}.<ext> beside X.<ext>, or X.<ext> in its own folder")
     if not found:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {images_dir}")
     return [(image, ls[0]) for image, ls in found]

@@ -31,7 +31,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,7 +47,7 @@ from .data import build_dataset, collate
 from .devices import configure_determinism, resolve_device
 from .errors import ConfigError
 from .evaluation import evaluate_model
-from .model import build_model
+from .model import build_model, check_backbone_init
 from .optim import build_lr_scheduler, build_optimizer, prepare_fused_sgd, use_fused_sgd
 from .precision import AmpMode, autocast, parse_amp, resolve_amp
 from .rng import capture_rng_state, preserved_rng_state, restore_rng_state, seed_process
@@ -125,9 +124,12 @@ def train(cfg, resume: bool = False, *, model: nn.Module | None = None, dataset:
     `output_dir/last_checkpoint` (model, optimizer, scheduler, scaler, iteration, RNG states); without a
     checkpoint it starts from scratch. `model`/`dataset`/`collate_fn` replace the config-built ones (tests,
     notebooks); the dataset's items follow the gains.data contract and the model returns a loss dict.
-    Raises FloatingPointError when a loss becomes NaN/inf (nothing of that step is saved).
+    Raises FloatingPointError when a loss becomes NaN/inf (nothing of that step is saved), and ConfigError
+    before any work for a config-built frozen-BN backbone without weights (gains.model.check_backbone_init).
     """
     check_solver(cfg.solver)
+    if model is None:
+        check_backbone_init(cfg)  # before any work: frozen BN on a random ResNet is refused (or allowed)
     info = dist.init_distributed()
     images_per_rank = check_batch_size(int(cfg.solver.ims_per_batch), info.world_size)
     device = resolve_device(cfg.device, info.local_rank)
@@ -214,7 +216,7 @@ def _set_up(cfg, model: nn.Module | None, dataset: Dataset | None, device: torch
     s = cfg.solver
     if dist.is_main_process():
         dump_config(cfg, output_dir / "config.yaml")
-    model = model if model is not None else _build_default_model(cfg)
+    model = model if model is not None else build_model(cfg)
     dataset = dataset if dataset is not None else build_dataset(cfg, "train", is_train=True)
     model.to(device).train()
     if s.channels_last:
@@ -232,16 +234,6 @@ def _set_up(cfg, model: nn.Module | None, dataset: Dataset | None, device: torch
                       device_guard=device_guard, fused_sgd=fused_sgd, output_dir=output_dir,
                       category_map=dataset.category_map.to_dict() if hasattr(dataset, "category_map") else None)
     return run, dataset
-
-
-def _build_default_model(cfg) -> nn.Module:
-    b = cfg.model.backbone
-    if b.norm == "frozen_bn" and not b.weights and not cfg.init_weights:
-        # Only training is concerned: evaluating a checkpoint supplies every weight.
-        warnings.warn("model.backbone.norm=frozen_bn without model.backbone.weights: frozen BN of a randomly "
-                      "initialised ResNet is an identity, so activations grow layer after layer and training "
-                      "from scratch is unstable; use model.backbone.norm=gn (or bn), or give ImageNet weights")
-    return build_model(cfg)
 
 
 def _resume_or_start(run: TrainingRun, resume: bool, info: dist.DistInfo) -> None:

@@ -14,11 +14,17 @@ that have ground truth. For ISBI2014-like data (one category named like 'cell', 
 paper's "Cell/Nuclei average" is added: the plain mean of the two category rows. Images are streamed: each image's masks are reduced to
 compact runs with exact overlap counts at once, so memory does not grow with the pixels of the split.
 
+Every metric scores the top `test.max_dets_eval` detections per image and category (null: all; the paper
+configs: 100, the authors' evaluator), and a warning names images with more ground truths or detections
+than that (gains.scoring).
+
 Large images (those `gains.predictor.Predictor` would tile: `test.tiling`, `test.tile_size`) are predicted
-by the Predictor on the ORIGINAL image, tile by tile, instead of being resized to `data.min_size_test`;
-their ground truth and detections reach the metrics as runs (COCO RLE -> `gains.mask_runs`), never as dense
-[N,H,W] arrays, so a 4096 px field with thousands of nuclei costs memory per instance, not per pixel.
-Smaller images take the batched whole-image path (`inference.predict_dataset`) exactly as before.
+by the Predictor tile by tile, every tile resized by the scale the model was trained at (`test.tile_scale`:
+a `data.crop_size` crop's test resize, else the whole image's, so tiles see what the whole-image path
+would); their ground truth and detections reach the metrics as runs (COCO RLE -> `gains.mask_runs`), never
+as dense [N,H,W] arrays, so a 4096 px field with thousands of nuclei costs memory per instance, not per
+pixel. Smaller images take the batched whole-image path (`inference.predict_dataset`) exactly as before.
+The paper configs set `test.tiling: never`: whole images, as the authors' detectron2.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ from .instances import CropMasks
 from .mask_runs import runs_from_rles
 from .metrics import AJI_MODES
 from .predictor import Predictor, to_model_image
-from .scoring import MetricAccumulator, det_instances, format_table, gt_instances, summarize, write_outputs
+from .scoring import (MetricAccumulator, check_max_dets, det_instances, format_table, gt_instances, summarize,
+                      write_outputs)
 from .visualize import overlay_label_image, pyplot, save_figure_atomic, save_instance_panels
 
 
@@ -57,13 +64,16 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     metrics dict (layout: `summarize`); the other ranks return {}. `vis` (default `test.vis`) images of rank
     0's shard are drawn as ground truth | prediction PNGs into `output_dir/vis/`. Detections with score <
     `test.score_thresh` are dropped before scoring and writing (the model's own
-    `model.roi_heads.score_thresh_test` has already applied). `expected_category_map`: the checkpoint's;
-    an error if the split's json declares other categories. The model's train/eval mode is restored.
+    `model.roi_heads.score_thresh_test` has already applied). Every metric scores the top
+    `test.max_dets_eval` detections per image and category (null: all). `expected_category_map`: the
+    checkpoint's; an error if the split's json declares other categories. The model's train/eval mode is
+    restored.
 
     Images the Predictor would tile (`test.tiling`; 'auto': larger than `test.tile_size` on a side) are
-    predicted by `Predictor.from_config(model, cfg)` on the original image instead of the resized batch,
-    scored from runs (no dense [N,H,W] masks) and listed under `tiled_images` with a note; the rest take
-    the batched whole-image path unchanged.
+    predicted by `Predictor.from_config(model, cfg)` tile by tile, each tile resized by the training scale
+    (`test.tile_scale`, `Predictor.scale_of`), instead of the resized batch, scored from runs (no dense
+    [N,H,W] masks) and listed under `tiled_images` with a note; the rest take the batched whole-image path
+    unchanged.
     """
     dataset = build_dataset(cfg, split, is_train=False)
     cmap = dataset.category_map
@@ -74,6 +84,7 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     aji_mode, thresh = str(cfg.test.aji_mode), float(cfg.test.score_thresh)
     if aji_mode not in AJI_MODES:
         raise EvaluationError(f"test.aji_mode must be one of {AJI_MODES}, got {aji_mode!r}")
+    max_dets = check_max_dets(cfg.test.get("max_dets_eval"))  # before the predictions, not after
     rank, world = dist.get_rank(), dist.get_world_size()
     vis = int(cfg.test.vis if vis is None else vis) if rank == 0 else 0
     vis_thresh = float(cfg.test.vis_score_thresh)
@@ -132,15 +143,20 @@ def evaluate_model(model: torch.nn.Module, cfg, split: str, output_dir, *, vis: 
     missing = sorted({r.image_id for r in dataset.records} - kept)
     if missing:
         raise RuntimeError(f"evaluation lost images {missing[:20]}: every rank must run evaluate_model")
-    metrics = summarize(acc.compute(list(cmap.json_ids), aji_mode), list(cmap.json_ids), list(cmap.names),
-                        split=split, num_images=len(kept), num_detections=len(results), score_thresh=thresh,
-                        aji_mode=aji_mode)
+    raw = acc.compute(list(cmap.json_ids), aji_mode, max_dets=max_dets)
+    metrics = summarize(raw, list(cmap.json_ids), list(cmap.names), split=split, num_images=len(kept),
+                        num_detections=len(results), score_thresh=thresh, aji_mode=aji_mode)
     if tiled:
         ids = sorted(tiled)
         metrics["tiled_images"] = ids
+        if predictor.tile_scale is None:  # the rule in words: a reader must see which scale the model saw
+            scale = "by their whole image's test resize (test.tile_scale=auto without data.crop_size)"
+        else:
+            origin = f", the data.crop_size={cfg.data.crop_size} crop's" if cfg.test.tile_scale == "auto" else ""
+            scale = f"by x{predictor.tile_scale:.4g} (test.tile_scale={cfg.test.tile_scale}{origin})"
         metrics["notes"].append(
             f"{len(ids)} image(s) larger than test.tile_size={int(cfg.test.tile_size)} px were predicted tile by "
-            f"tile at their original resolution (test.tiling={cfg.test.tiling}) and scored from runs: image ids "
+            f"tile (test.tiling={cfg.test.tiling}), each tile resized {scale}, and scored from runs: image ids "
             f"{ids[:20]}{' ...' if len(ids) > 20 else ''}")
     write_outputs(output_dir, metrics, results, split)
     if verbose:
@@ -286,16 +302,20 @@ def _rle(segm, h: int, w: int, what: str) -> dict:
 
 
 def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", score_thresh: float | None = None,
-                     split: str = "results", gt_name: str = "ground truth", results_name: str = "results") -> dict:
+                     split: str = "results", gt_name: str = "ground truth", results_name: str = "results",
+                     max_dets: int | None = None) -> dict:
     """Score a COCO results list against a COCO ground-truth dict (the `evaluate.py --gt --pred` mode).
 
     gt: COCO instances dict (annotation ids >= 1; 'area' drives the area ranges, the mask pixel count when
     absent). results: [{image_id, category_id (json id), score, segmentation RLE, optional bbox xywh}]; an
     empty list scores AP 0 / AJI 0 with a note. Box AP is computed when every result has a bbox.
-    `score_thresh`: drop results below it first (None: score them all). Returns the `summarize` dict; mask
-    AP equals pycocotools COCOeval(iouType='segm') on the same files. `gt_name` / `results_name` (the files)
-    start the EvaluationError messages about either input.
+    `score_thresh`: drop results below it first (None: score them all). `max_dets`: every metric scores the
+    top max_dets results per image and category (None: all; 100 = the authors' evaluator). Returns the
+    `summarize` dict; mask AP equals pycocotools COCOeval(iouType='segm') with maxDets = its
+    `coco_max_dets` on the same files. `gt_name` / `results_name` (the files) start the EvaluationError
+    messages about either input.
     """
+    max_dets = check_max_dets(max_dets, "max_dets (evaluate.py --max-dets)")
     images, cat_ids, names = _check_gt(gt, gt_name)
     _check_results(results, images, cat_ids, results_name)
     if score_thresh is not None:
@@ -324,6 +344,7 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
                  "boxes_xywh": np.array([r.get("bbox", [0, 0, 0, 0]) for r in dr], np.float64).reshape(-1, 4)})
     # Images were added under their position in sorted-id order, so score ties across images resolve as in
     # pycocotools (which sorts image ids) even for non-integer ids.
-    return summarize(acc.compute(cat_ids, aji_mode, with_boxes), cat_ids, names, split=split,
+    raw = acc.compute(cat_ids, aji_mode, with_boxes, max_dets, {n: i for n, i in enumerate(sorted(images))})
+    return summarize(raw, cat_ids, names, split=split,
                      num_images=len(images), num_detections=len(results), score_thresh=score_thresh,
                      aji_mode=aji_mode)

@@ -11,6 +11,7 @@ One image's predictions (N instances, in the order of the results json) can be w
 * ``write_instances_npz`` -> ``X_instances.npz``: every mask exactly, overlaps kept, with scores, labels
   and boxes; ``read_instances_npz`` reads it back (the layout is documented there for other readers).
 * ``coco_results``: COCO results entries (compressed RLE) for the results json / pycocotools COCOeval.
+* QuPath GeoJSON (holes and overlaps kept): ``gains.geojson_io.write_geojson``.
 
 How to open them
 ----------------
@@ -35,7 +36,8 @@ These steps are written from the Fiji / napari documentation; the tests check th
 roifile, pycocotools and an independent rasterisation, not with Fiji or napari themselves.
 
 Every file is written atomically: a temp file in the target folder, then os.replace, so an error (full
-disk, bad input) never leaves a half-written file under the final name.
+disk, bad input) never leaves a half-written file under the final name; it gets the mode open() would give
+it (0o666 minus the umask), so colleagues can read it (gains.atomic).
 """
 from __future__ import annotations
 

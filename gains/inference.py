@@ -25,6 +25,7 @@ from .data import collate
 from .devices import model_device, resolve_device
 from .errors import CheckpointError, DataError
 from .exports import coco_results, write_imagej_rois, write_instances_npz, write_label_image
+from .geojson_io import write_geojson
 from .imageio import read_image_array, read_image_size
 from .model import build_model
 from .predictor import Predictor, boxes_to_original, paste_masks, to_model_image
@@ -177,7 +178,10 @@ def load_for_inference(ckpt_path, config_path=None, overrides=()):
 
 # ----------------------------------------------------------------------------------------------- folders
 def list_images(images_dir) -> list[Path]:
-    """Image files (PNG/JPEG/TIFF, any case) directly inside `images_dir`, sorted by file name."""
+    """Image files (PNG/JPEG/TIFF, any case) directly inside `images_dir`, sorted by file name.
+
+    Outputs are named after the file's stem (X.tif -> X_labels.tif), so two images sharing a stem (X.png and
+    X.tif) are a DataError naming them, raised before anything is predicted."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder not found: {images_dir}; pass --images DIR holding "
@@ -186,6 +190,14 @@ def list_images(images_dir) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no images in {images_dir}: expected files ending in "
                                 f"{', '.join(IMAGE_SUFFIXES)} (sub-folders are not searched)")
+    by_stem: dict[str, list[str]] = {}
+    for p in files:
+        by_stem.setdefault(p.stem, []).append(p.name)
+    shared = [names for names in by_stem.values() if len(names) > 1]
+    if shared:
+        raise DataError(f"{images_dir}: images {', '.join(' and '.join(n) for n in shared[:5])} share a name "
+                        "stem, and their outputs (X_labels.tif, X_rois.zip, ...) would overwrite each other; "
+                        "rename one of each or move it to another folder")
     return files
 
 
@@ -194,13 +206,15 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
     """Predict every image of `images_dir` (any size — tiled per `test.tiling` —, 8/16-bit, grey/RGB,
     PNG/JPEG/TIFF) and write into `out_dir`, for detections with score >= test.score_thresh:
 
-    - `labels/<file name>_labels.tif`: instance label image (uint16, uint32 from 65,536 instances), pixel =
-      1 + the instance's index in this image's results, 0 = background; where instances overlap the higher
-      score wins the pixel (the npz and the json keep the overlaps);
-    - `rois/<file name>_rois.zip`: ImageJ / Fiji ROI set, one polygon per instance named like its label;
-    - `masks/<file name>.npz`: the exact masks as crops with scores, labels (json category ids) and boxes
+    - `labels/X_labels.tif` (X = the image's file name without its suffix): instance label image (uint16,
+      uint32 from 65,536 instances), pixel = 1 + the instance's index in this image's results, 0 =
+      background; where instances overlap the higher score wins the pixel (the others keep the overlaps);
+    - `rois/X_rois.zip`: ImageJ / Fiji ROI set, one polygon per instance named like its label;
+    - `geojson/X.geojson`: QuPath objects (File > Import objects), one detection per instance named like its
+      label, classified by category name, with its score; holes and overlaps kept (gains.geojson_io);
+    - `masks/X.npz`: the exact masks as crops with scores, labels (json category ids) and boxes
       (`gains.exports.read_instances_npz`; layout documented there);
-    - `overlays/<file name>.png`: the image with the instances scoring >= test.vis_score_thresh;
+    - `overlays/X.png`: the image with the instances scoring >= test.vis_score_thresh;
     - `results.json`: COCO results of the folder; `images.json`: {"images": [{id, file_name, height,
       width}], "categories": [...]}, ids 1..N in sorted file-name order.
     Memory is O(sum of instance areas) per image, never N x H x W. Under torchrun each rank predicts a
@@ -215,7 +229,7 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
             raise DataError(f"cannot read image {path} ({type(e).__name__}: {e}); convert it to PNG/TIFF "
                             "or move it out of the folder") from None
     out_dir = Path(out_dir)
-    for sub in ("overlays", "masks", "labels", "rois"):
+    for sub in ("overlays", "masks", "labels", "rois", "geojson"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_config(unwrap_model(model), cfg, progress=dist.is_main_process())
     to_json = category_map.to_json_id if category_map else int
@@ -230,16 +244,19 @@ def predict_folder(model: torch.nn.Module, cfg, images_dir, out_dir, category_ma
         keep = (pred["scores"] >= float(cfg.test.score_thresh)).numpy()
         masks = pred["masks"].select(keep)
         scores = pred["scores"].numpy()[keep].astype(np.float32)
-        labels = np.array([to_json(v) for v in pred["labels"].numpy()[keep].tolist()], dtype=np.int64)
+        contiguous = pred["labels"].numpy()[keep].tolist()
+        labels = np.array([to_json(v) for v in contiguous], dtype=np.int64)
+        names = [category_map.names[v - 1] if category_map else str(v) for v in contiguous]
         boxes = pred["boxes"].numpy()[keep].astype(np.float32)
         h, w = masks.image_size
-        write_instances_npz(out_dir / "masks" / f"{path.name}.npz", masks, scores, labels, boxes)
+        write_instances_npz(out_dir / "masks" / f"{path.stem}.npz", masks, scores, labels, boxes)
         label_image = masks.label_image(scores)
-        write_label_image(out_dir / "labels" / f"{path.name}_labels.tif", masks, scores)
-        write_imagej_rois(out_dir / "rois" / f"{path.name}_rois.zip", masks)
+        write_label_image(out_dir / "labels" / f"{path.stem}_labels.tif", masks, scores)
+        write_imagej_rois(out_dir / "rois" / f"{path.stem}_rois.zip", masks)
+        write_geojson(out_dir / "geojson" / f"{path.stem}.geojson", masks, classes=names, scores=scores)
         shown = scores >= float(cfg.test.vis_score_thresh)  # the other outputs keep them all
         shown_labels = np.where(np.isin(label_image, np.flatnonzero(shown) + 1), label_image, 0)
-        save_label_overlay(to_model_image(array, str(cfg.data.normalize)).numpy(), shown_labels, out_dir / "overlays" / f"{path.name}.png",
+        save_label_overlay(to_model_image(array, str(cfg.data.normalize)).numpy(), shown_labels, out_dir / "overlays" / f"{path.stem}.png",
                            f"{path.name}: {int(shown.sum())} instances "
                            f"(score >= {float(cfg.test.vis_score_thresh):g})")
         entries.append({"id": image_id, "file_name": path.name, "height": int(h), "width": int(w)})

@@ -17,21 +17,22 @@ from .aji import (AJI_MODES, aji, aji_from_overlaps, aji_gains_image, aji_image,
                   aji_kumar_image, aji_plus, aji_plus_image, greedy_aji_matches, range_ignore)
 from .average_precision import (AREA_NAMES, AREA_RANGES, IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES,  # noqa: F401
                       ImageInstances, box_iou_xywh, category_overlaps, evaluate_images, evaluate_instances,
-                      mask_iou, normalize_images, pairwise_intersections, summarize)
+                      mask_iou, normalize_images, pairwise_intersections, stat_names, summarize)
 from .mask_runs import MaskRuns, empty_runs, runs_from_dense, runs_from_rles  # noqa: F401
 
 
 def instance_metrics(gt_per_image, det_per_image, category_ids, aji_mode: str = "clean",
                      max_dets=(1, 10, 100)) -> dict:
-    """Mask AP (as `evaluate_instances`, iou_type 'segm') plus 'aji' (in `aji_mode`, top max_dets[-1]
-    detections), 'aji_kumar' and 'aji_plus' (all detections), sharing one intersection pass per image."""
+    """Mask AP (as `evaluate_instances`, iou_type 'segm') plus 'aji' (in `aji_mode`), 'aji_kumar' and
+    'aji_plus', sharing one intersection pass per image. Every metric scores the same detections: the top
+    max(max_dets) per image and category (COCO's maxDets; raise it to score more)."""
     images = normalize_images(gt_per_image, det_per_image)
-    overlaps = [category_overlaps(im, None) for im in images]
+    cap = max(int(m) for m in max_dets)
+    overlaps = [category_overlaps(im, cap) for im in images]
     out = evaluate_images(images, category_ids, "segm", max_dets, overlaps)
     cats = sorted({int(c) for c in category_ids})
-    out["aji"] = aji_from_overlaps(images, overlaps, cats, "aji", aji_mode, max(max_dets))
-    out["aji_kumar"] = aji_from_overlaps(images, overlaps, cats, "aji_kumar", aji_mode, None)
-    out["aji_plus"] = aji_from_overlaps(images, overlaps, cats, "aji_plus", aji_mode, None)
+    for kind in ("aji", "aji_kumar", "aji_plus"):
+        out[kind] = aji_from_overlaps(images, overlaps, cats, kind, aji_mode, cap)
     return out
 
 

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from gains.alrm import ALRM
 from gains.backbone import ResNetFPN
+from gains.errors import ConfigError
 from gains.roi_heads import RoIHeads
 from gains.rpn import RPN
 from gains.sparse_maps import SparseMaps
+from gains.weight_names import check_input_convention
 
 MODES = {  # mode -> (GA-weighted mask BCE, anomaly branch)
     "mask_rcnn": (False, False),
@@ -61,6 +63,17 @@ class GAInS(nn.Module):
         self.bgr = input_format == "BGR"
         self.size_divisibility = size_divisibility
         self.needs_ga = needs_ga
+
+    def input_settings(self) -> dict:
+        """The input this model feeds its backbone, as config values: {model.input_format, model.pixel_mean,
+        model.pixel_std, model.backbone.stride_in_1x1 (None for basic-block ResNets, which have no choice)}.
+        Compared with what loaded weights were trained on (gains.weight_names.check_input_convention)."""
+        first = self.backbone.body.layer2[0]
+        bottleneck = hasattr(first, "conv3")
+        return {"model.input_format": "BGR" if self.bgr else "RGB",
+                "model.pixel_mean": self.pixel_mean.flatten().tolist(),
+                "model.pixel_std": self.pixel_std.flatten().tolist(),
+                "model.backbone.stride_in_1x1": first.conv1.stride != (1, 1) if bottleneck else None}
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """RGB [0,1] images -> one zero-padded batch [B,3,H',W'] (multiples of size_divisibility) in the
@@ -130,8 +143,29 @@ class GAInS(nn.Module):
         return self.roi_heads(features, proposals, sizes)
 
 
+def check_backbone_init(cfg) -> None:
+    """Before training a config-built model: ConfigError (one line, both fixes) for frozen BN on a randomly
+    initialised ResNet, i.e. model.backbone.norm=frozen_bn without model.backbone.weights or init_weights,
+    unless model.backbone.allow_frozen_bn_from_scratch (tests and timing runs use it on purpose). Evaluation
+    is not concerned: a checkpoint supplies every weight."""
+    b = cfg.model.backbone
+    if b.norm == "frozen_bn" and not b.weights and not cfg.init_weights and not b.allow_frozen_bn_from_scratch:
+        # frozen BN of a random ResNet is an identity: nothing normalises the activations, which grow
+        # layer after layer, and training from scratch diverges or stalls
+        weights = (f"weights/R-{b.depth}.pkl, detectron2's MSRA file" if b.depth in (50, 101)
+                   else f"PATH, a torchvision resnet{b.depth} state dict with its input keys")  # MSRA has no R-18/34
+        raise ConfigError("model.backbone.norm=frozen_bn with model.backbone.weights=null trains a randomly "
+                          f"initialised ResNet under frozen BN, which is unstable: give ImageNet weights "
+                          f"(model.backbone.weights={weights}) or train from scratch with model.backbone.norm=gn "
+                          "model.backbone.freeze_at=0 (model.backbone.allow_frozen_bn_from_scratch=true runs it "
+                          "anyway)")
+
+
 def build_model(cfg) -> GAInS:
-    """The one place that reads `cfg.model`: turns it into keyword arguments of the constructors."""
+    """The one place that reads `cfg.model`: turns it into keyword arguments of the constructors.
+
+    With model.backbone.weights, the file's input convention must match model.input_format / pixel_mean /
+    pixel_std / backbone.stride_in_1x1, else WeightsInputError names the keys to set."""
     m = cfg.model
     if m.mode not in MODES:
         raise ValueError(f"model.mode must be one of {list(MODES)}, got {m.mode!r}")
@@ -156,5 +190,8 @@ def build_model(cfg) -> GAInS:
                          nms_thresh_test=h.nms_thresh_test, detections_per_image=h.detections_per_image,
                          use_ga_weights=use_ga_weights, mask_loss_weight=mask_loss_weight, alrm=alrm,
                          ga_loss_weight=a.ga_loss_weight)
-    return GAInS(backbone, rpn, roi_heads, m.pixel_mean, m.pixel_std, m.input_format,
-                 needs_ga=use_ga_weights or use_branch)
+    model = GAInS(backbone, rpn, roi_heads, m.pixel_mean, m.pixel_std, m.input_format,
+                  needs_ga=use_ga_weights or use_branch)
+    if backbone.weights_input is not None:
+        check_input_convention(backbone.weights_input, model.input_settings(), f"{b.weights} (model.backbone.weights)")
+    return model

@@ -10,18 +10,22 @@ but keeps only each mask's tight crop. Tiled prediction (large microscopy fields
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .imageio import to_float_rgb
 from .instances import CropMasks
 from .tiling import predict_tiled
 from .transforms import resize_image, resized_shape  # the data layer's resize, so train and test agree
 
-__all__ = ["Predictor", "boxes_to_original", "paste_masks", "paste_masks_to_crops", "resized_shape", "to_model_image"]
+__all__ = ["Predictor", "boxes_to_original", "paste_masks", "paste_masks_to_crops", "resize_factor", "resized_shape",
+           "tile_scale_from_config", "to_model_image"]
 
 TILING_MODES = ("auto", "always", "never")
 
@@ -135,13 +139,46 @@ def to_model_image(image, normalize: str = "dtype") -> Tensor:
     return to_float_rgb(array, normalize)
 
 
+def resize_factor(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor (model px per original px) of `resized_shape` before its rounding: shortest edge ->
+    min_size unless the longest edge would exceed max_size (detectron2's ResizeShortestEdge)."""
+    scale = min_size / min(height, width)
+    return max_size / max(height, width) if max(height, width) * scale > max_size else scale
+
+
+def tile_scale_from_config(cfg) -> float | None:
+    """The Predictor's `tile_scale` from `test.tile_scale` (configs/base.yaml): the scale tiles are seen at.
+
+    A number is used as it is. 'auto' is the scale the model was trained at, as the config tells it: with
+    `data.crop_size` [h, w] (or S) the factor the test resize (`data.min_size_test` / `max_size_test`, the
+    size training resized its crops to) gives an h x w image, so every tile looks like a training crop;
+    without crops None: each image's own whole-image factor, the scale training saw whole images of this
+    data set at, so tiled and whole-image predictions of an image see the same pixels. ConfigError (a
+    ValueError) for anything else, naming the key.
+    """
+    data, value = cfg["data"], cfg["test"].get("tile_scale", "auto")
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"test.tile_scale must be 'auto' or a positive number (model px per original px), "
+                              f"got {value!r}")
+        crop = data.get("crop_size")
+        if not crop:
+            return None
+        ch, cw = (int(crop), int(crop)) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+        return resize_factor(ch, cw, int(data["min_size_test"]), int(data["max_size_test"]))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"test.tile_scale must be 'auto' or a positive number (model px per original px), "
+                          f"got {value!r}")
+    return float(value)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
 
 
 def _validate(tiling, tile_size, tile_overlap, detections_per_tile, max_detections, merge_iou, merge_containment,
-              max_downscale, batch_size, min_size_test, max_size_test) -> None:
+              max_downscale, batch_size, min_size_test, max_size_test, tile_scale) -> None:
     """ValueError naming the option (and its config key) for a bad Predictor setting."""
     _check(tiling in TILING_MODES, f"tiling (test.tiling) must be one of {', '.join(TILING_MODES)}, "
                                    f"got {tiling!r}")
@@ -159,6 +196,8 @@ def _validate(tiling, tile_size, tile_overlap, detections_per_tile, max_detectio
     _check(float(max_downscale) == 0 or float(max_downscale) >= 1.0,
            f"max_downscale (test.max_downscale) must be 0 (no limit) or >= 1, got {max_downscale}")
     _check(int(batch_size) > 0, f"batch_size (test.tile_batch_size) must be positive, got {batch_size}")
+    _check(tile_scale is None or (math.isfinite(float(tile_scale)) and float(tile_scale) > 0),
+           f"tile_scale (test.tile_scale) must be None ('auto') or a positive factor, got {tile_scale}")
     _check(int(min_size_test) > 0 and int(max_size_test) > 0,
            f"min_size_test / max_size_test must be positive, got {min_size_test} / {max_size_test}")
 
@@ -168,21 +207,29 @@ class Predictor:
     ORIGINAL image's pixels (H0, W0): `boxes` float32 [N,4] xyxy, `labels` int64 [N] in 1..K, `scores`
     float32 [N] (descending) and `masks` a `CropMasks` of N masks of size (H0, W0).
 
-    images: a list of numpy arrays or tensors of any size (see `to_model_image`), or one of them. An image
-    (whole-image path) or each tile of it (tiled path, gains.tiling) is resized like the evaluation data
-    (gains.transforms: shortest edge to `min_size_test`, longest capped at `max_size_test`, bilinear with
-    antialiasing like PIL's resize in detectron2), run through the model in eval mode, and the boxes scaled
-    back. Intensities are normalised over the whole image before tiling, so all tiles share one scale.
+    images: a list of numpy arrays or tensors of any size (see `to_model_image`), or one of them. The
+    whole-image path resizes an image like the evaluation data (gains.transforms: shortest edge to
+    `min_size_test`, longest capped at `max_size_test`, bilinear with antialiasing like PIL's resize in
+    detectron2), runs the model in eval mode and scales the boxes back. The tiled path (gains.tiling) cuts
+    the ORIGINAL image into tiles and resizes every tile by one factor, the scale the model was trained at
+    (`tile_scale`; `scale_of`): None (default) = the factor the whole-image path gives this image, so where
+    both fit the tiled and whole-image predictions see the same pixels and agree; a number = that factor
+    (e.g. `tile_scale_from_config`: a training crop's factor). A tile is never resized "like a test image of
+    tile_size px": that would see a 512-px tile of a 1040-px image at 800/512 = 1.56x when training saw
+    the image at 0.77x. Intensities are normalised over the whole image before tiling, so all tiles share
+    one intensity scale.
 
     tiling: "auto" tiles images larger than `tile_size` in either side, "always" tiles every image (an
-    image no larger than a tile is one tile: the whole-image result), "never" runs the whole image and
-    raises ValueError when the resize would shrink it by more than `max_downscale`, i.e. when
+    image no larger than a tile is one tile: the whole-image result, at the default tile_scale), "never"
+    runs the whole image and raises ValueError when the resize would shrink it by more than `max_downscale`,
+    i.e. when
     max(H0 / h, W0 / w) > max_downscale for (h, w) = resized_shape(H0, W0, ...) (0 = no limit).
     tile_size / tile_overlap: tile side and overlap in ORIGINAL pixels. detections_per_tile: the model's
     cap per forward image (each tile, or the whole image), set on `model.roi_heads.max_dets` during the
     call; None keeps the model's own cap. max_detections: cap per image after merging (None/0 = none).
     merge_iou / merge_containment: duplicate rules across tiles (gains.tiling). batch_size: tiles per
-    forward pass. progress: a tqdm bar per tiled image.
+    forward pass. progress: a tqdm bar per tiled image. tile_scale: see above; with None a warning names
+    an image whose tiles the whole-image factor shrinks by more than `max_downscale`.
     """
 
     def __init__(self, model: torch.nn.Module, min_size_test: int = 800, max_size_test: int = 1333,
@@ -190,11 +237,11 @@ class Predictor:
                  tiling: str = "auto", tile_size: int = 512, tile_overlap: int = 128,
                  detections_per_tile: int | None = 300, max_detections: int | None = None,
                  merge_iou: float = 0.5, merge_containment: float = 0.8, max_downscale: float = 2.0,
-                 batch_size: int = 4, progress: bool = True):
+                 batch_size: int = 4, progress: bool = True, tile_scale: float | None = None):
         _validate(tiling=tiling, tile_size=tile_size, tile_overlap=tile_overlap,
                   detections_per_tile=detections_per_tile, max_detections=max_detections, merge_iou=merge_iou,
                   merge_containment=merge_containment, max_downscale=max_downscale, batch_size=batch_size,
-                  min_size_test=min_size_test, max_size_test=max_size_test)
+                  min_size_test=min_size_test, max_size_test=max_size_test, tile_scale=tile_scale)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.min_size, self.max_size = int(min_size_test), int(max_size_test)
@@ -204,11 +251,13 @@ class Predictor:
         self.max_detections = int(max_detections) if max_detections else None
         self.merge_iou, self.merge_containment = float(merge_iou), float(merge_containment)
         self.max_downscale, self.batch_size, self.progress = float(max_downscale), int(batch_size), progress
+        self.tile_scale = None if tile_scale is None else float(tile_scale)
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, cfg, **overrides) -> "Predictor":
         """A Predictor with `cfg.data.min_size_test / max_size_test / normalize` and the `cfg.test` tiling
-        keys (configs/base.yaml); keyword `overrides` (e.g. progress=False, device="cpu") win."""
+        keys (configs/base.yaml; `test.tile_scale` through `tile_scale_from_config`); keyword `overrides`
+        (e.g. progress=False, device="cpu") win."""
         data, test = cfg["data"], cfg["test"]
         per_tile = test.get("detections_per_tile", 300)
         kwargs = dict(min_size_test=int(data["min_size_test"]), max_size_test=int(data["max_size_test"]),
@@ -219,7 +268,7 @@ class Predictor:
                       merge_iou=float(test.get("merge_iou", 0.5)),
                       merge_containment=float(test.get("merge_containment", 0.8)),
                       max_downscale=float(test.get("max_downscale", 2.0)),
-                      batch_size=int(test.get("tile_batch_size", 4)))
+                      batch_size=int(test.get("tile_batch_size", 4)), tile_scale=tile_scale_from_config(cfg))
         kwargs.update(overrides)
         return cls(model, **kwargs)
 
@@ -233,9 +282,11 @@ class Predictor:
                 x = to_model_image(image, self.normalize)
                 h0, w0 = x.shape[-2:]
                 if self._tiles(h0, w0):
-                    pred = predict_tiled(x, self._detect, self.tile_size, self.tile_overlap, self.batch_size,
-                                         self.merge_iou, self.merge_containment, self.max_detections,
-                                         self.progress)
+                    scale = self.scale_of(h0, w0)
+                    self._warn_shrunk_tiles(h0, w0, scale)
+                    pred = predict_tiled(x, functools.partial(self._detect, scale=scale), self.tile_size,
+                                         self.tile_overlap, self.batch_size, self.merge_iou,
+                                         self.merge_containment, self.max_detections, self.progress)
                 else:
                     self._check_whole_image(h0, w0)
                     pred = _top(self._detect([x])[0], self.max_detections)
@@ -246,6 +297,25 @@ class Predictor:
         if self.tiling == "auto":
             return max(h, w) > self.tile_size
         return self.tiling == "always"
+
+    def scale_of(self, h0: int, w0: int) -> tuple[float, float]:
+        """(row, column) factors, model px per original px, by which the tiles of an h0 x w0 image are
+        resized: `tile_scale` on both axes, or with None the whole-image path's own (resized / original)."""
+        if self.tile_scale is not None:
+            return self.tile_scale, self.tile_scale
+        nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
+        return nh / h0, nw / w0
+
+    def _warn_shrunk_tiles(self, h0: int, w0: int, scale: tuple[float, float]) -> None:
+        """tile_scale None on an image the whole-image factor shrinks a lot: it may not be the training scale."""
+        shrink = 1.0 / min(scale)
+        if self.tile_scale is None and self.max_downscale and shrink > self.max_downscale:
+            warnings.warn(
+                f"image of {h0}x{w0} px: its tiles are shrunk {shrink:.1f}x, the whole image's test resize "
+                f"(min_size_test={self.min_size}, max_size_test={self.max_size}), because tile_scale is None "
+                "(test.tile_scale=auto without data.crop_size: the model is taken to be trained on whole images "
+                "of this size). If it was trained on smaller images, set test.tile_scale to their factor, "
+                "min_size_test / their side (e.g. 800 / 512 = 1.5625)", stacklevel=4)  # the caller of __call__
 
     def _check_whole_image(self, h0: int, w0: int) -> None:
         """tiling="never": refuse an image the whole-image path would shrink by more than max_downscale."""
@@ -277,14 +347,18 @@ class Predictor:
         finally:
             heads.max_dets = saved
 
-    def _detect(self, images: list[Tensor]) -> list[dict]:
-        """Run the model on images of ONE size, float32 [3,h,w] in [0,1] (any device).
+    def _detect(self, images: list[Tensor], scale: tuple[float, float] | None = None) -> list[dict]:
+        """Run the model on images of ONE size, float32 [3,h,w] in [0,1] (any device), each resized by
+        `scale` (row, column factors; a tile's, `scale_of`) or, with None, by the whole-image test resize.
 
         Returns per image `boxes` float32 [n,4] xyxy in that image's pixels (clamped to it), `labels` int64,
         `scores` float32 (the model's order: descending) and `masks` CropMasks of size (h, w), on the CPU.
         """
         h0, w0 = (int(s) for s in images[0].shape[-2:])
-        nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
+        if scale is None:
+            nh, nw = resized_shape(h0, w0, self.min_size, self.max_size)
+        else:  # rounded like resized_shape; a one-tile image under the whole-image factor gets its exact size
+            nh, nw = max(int(h0 * scale[0] + 0.5), 1), max(int(w0 * scale[1] + 0.5), 1)
         # the data layer's resize (PIL's for 8-bit images, as detectron2), so test and training pixels agree
         batch = torch.stack([resize_image(im.cpu(), (nh, nw)).to(self.device) for im in images])
         out = []

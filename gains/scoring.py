@@ -6,10 +6,19 @@ Metrics (METRICS.md), on per-instance masks at the ORIGINAL image resolution: CO
 AP@[.5:.95], AP50, AP75; in %), box AP, the GAInS/DoNet `aji` (mode `test.aji_mode`), `aji_kumar` and
 `aji_plus` (fractions in [0,1]; the table prints AJI x100 like the paper), per category and averaged; the
 CTO strata (gains.cto).
+
+The detection cap (`test.max_dets_eval`, `evaluate.py --max-dets`): every metric above scores the top
+`max_dets` detections of each image and category (COCO's maxDets = [1, 10, max_dets]), so the paper
+configs' 100 reproduce the authors' evaluator (COCOeval's default, the published AJI's "top 100 per
+category"). None scores every detection: maxDets = [1, 10, M] with M = max(100, the most detections of
+one image and category), which truncates nothing and equals COCO's default numbers wherever no image has
+more than 100. An image with more ground truths or detections of a category than the cap is named in a
+warning: beyond the cap, ground truths cannot all be matched and detections are not scored.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +29,28 @@ from .atomic import write_json_atomic
 from .cto import stratified_metrics_images
 from .errors import EvaluationError
 from .mask_runs import runs_from_rles
-from .metrics import AJI_MODES, STAT_NAMES, aji_from_overlaps, category_overlaps, evaluate_images, normalize_images
+from .metrics import AJI_MODES, aji_from_overlaps, category_overlaps, evaluate_images, normalize_images, stat_names
 
-MAX_DETS = (1, 10, 100)
+COCO_MAX_DETS = 100  # COCOeval's default maxDets[-1]: the published numbers' cap
 AJI_KINDS = ("aji", "aji_kumar", "aji_plus")
+CAP_KEY = "test.max_dets_eval (evaluate.py --max-dets)"
+
+
+def check_max_dets(max_dets, where: str = "test.max_dets_eval") -> int | None:
+    """The evaluation's detection cap: None (no cap) or an integer >= 10; else EvaluationError naming
+    `where` and the fix. (>= 10: COCO's summary also reports AR at 1 and 10 detections.)"""
+    if max_dets is None:
+        return None
+    if isinstance(max_dets, bool) or not isinstance(max_dets, int) or max_dets < 10:
+        raise EvaluationError(f"{where} must be null (score every detection) or an integer >= 10 (detections "
+                              f"scored per image and category, COCO's maxDets; 100 = the paper), got {max_dets!r}")
+    return int(max_dets)
+
+
+def coco_max_dets(max_dets: int | None, largest: int) -> tuple[int, int, int]:
+    """COCO's three maxDets for the cap `max_dets` (None: no cap) when the most detections any (image,
+    category) has is `largest`: (1, 10, max_dets), or (1, 10, max(100, largest)) without a cap."""
+    return (1, 10, int(max_dets) if max_dets is not None else max(COCO_MAX_DETS, int(largest)))
 
 
 def gt_instances(record: ImageRecord, as_runs: bool = False) -> dict:
@@ -82,20 +109,62 @@ class MetricAccumulator:
         for image_id, item in images.items():
             self.images.setdefault(image_id, item)
 
-    def compute(self, category_ids, aji_mode: str = "clean", with_boxes: bool = True) -> dict:
-        """{"segm": evaluate_images dict, "bbox": same or None, "aji"/"aji_kumar"/"aji_plus": aji dicts}."""
+    def compute(self, category_ids, aji_mode: str = "clean", with_boxes: bool = True,
+                max_dets: int | None = COCO_MAX_DETS, image_names: dict | None = None) -> dict:
+        """{"segm": evaluate_images dict, "bbox": same or None, "aji"/"aji_kumar"/"aji_plus": aji dicts,
+        "strata", "max_dets": the cap (None = none), "coco_max_dets": COCO's three maxDets, "cap_notes":
+        the warnings about images beyond the cap (also issued as UserWarnings)}.
+
+        max_dets: every metric scores the top max_dets detections per image and category (module
+        docstring); None scores them all. image_names: {accumulator image id: id to print}, for callers
+        that add images under other ids (`evaluate_results` adds them by position)."""
         if aji_mode not in AJI_MODES:
             raise EvaluationError(f"test.aji_mode must be one of {AJI_MODES}, got {aji_mode!r}")
+        max_dets = check_max_dets(max_dets)
         ids = sorted(self.images)
         images, overlaps = [self.images[i][0] for i in ids], [self.images[i][1] for i in ids]
-        out = {"segm": evaluate_images(images, category_ids, "segm", MAX_DETS, overlaps),
-               "bbox": evaluate_images(images, category_ids, "bbox", MAX_DETS) if with_boxes else None}
-        for kind in AJI_KINDS:  # METRICS.md: `aji` uses the top 100 per category, Kumar/AJI+ all detections
-            out[kind] = aji_from_overlaps(images, overlaps, category_ids, kind, aji_mode,
-                                          MAX_DETS[-1] if kind == "aji" else None)
+        largest = max((len(ov.det_index) for per_cat in overlaps for ov in per_cat.values()), default=0)
+        triple = coco_max_dets(max_dets, largest)
+        out = {"segm": evaluate_images(images, category_ids, "segm", triple, overlaps),
+               "bbox": evaluate_images(images, category_ids, "bbox", triple) if with_boxes else None}
+        for kind in AJI_KINDS:  # one cap for every metric: they all score the same detections
+            out[kind] = aji_from_overlaps(images, overlaps, category_ids, kind, aji_mode, triple[-1])
         if all(im.gt_masks is not None or not len(im.gt_labels) for im in images):
-            out["strata"] = stratified_metrics_images(images, category_ids, max_dets=MAX_DETS)
+            out["strata"] = stratified_metrics_images(images, category_ids, max_dets=triple)
+        out.update(max_dets=max_dets, coco_max_dets=list(triple),
+                   cap_notes=_cap_notes(images, overlaps, category_ids, max_dets, image_names or {}))
+        for note in out["cap_notes"]:
+            warnings.warn(note, UserWarning, stacklevel=2)
         return out
+
+
+def _cap_notes(images, overlaps, category_ids, max_dets: int | None, image_names: dict) -> list[str]:
+    """One counted message per side (ground truth, detections) when some (image, category) has more
+    instances than the cap `max_dets`, naming the largest case and the fix; [] without a cap."""
+    if max_dets is None:
+        return []
+    cats = {int(c) for c in category_ids}
+    over = {"gt": [], "det": []}  # (count, image id, category) beyond the cap
+    for im, per_cat in zip(images, overlaps):
+        for c, ov in per_cat.items():
+            if c not in cats:
+                continue
+            n_gt = int(np.count_nonzero(~im.gt_crowd[ov.gt_index]))  # crowd regions are never matched
+            for side, n in (("gt", n_gt), ("det", len(ov.det_index))):
+                if n > max_dets:
+                    over[side].append((n, image_names.get(im.image_id, im.image_id), c))
+    notes = []
+    for side, what, consequence in (
+            ("gt", "ground-truth instances", f"at most {max_dets} of them can be matched, so recall, AP and "
+                                             "AJI are capped below what the predictions reach"),
+            ("det", "detections", f"only the {max_dets} highest-scoring are scored, the rest count for nothing")):
+        if over[side]:
+            n, image, c = max(over[side], key=lambda t: t[0])
+            count = len({i for _, i, _ in over[side]})
+            notes.append(f"{count} image(s) have more {what} of one category than the evaluation cap "
+                         f"{CAP_KEY}={max_dets} (most: image id {image}, category {c}: {n}); {consequence}. "
+                         f"Set {CAP_KEY} to null (none) or above {n} to score them all")
+    return notes
 
 
 def _pct(x) -> float | None:
@@ -116,8 +185,12 @@ def cell_nuclei_pair(names) -> tuple[int, int] | None:
 
 def summarize(raw: dict, category_ids, names, *, split: str, num_images: int, num_detections: int,
               score_thresh: float | None, aji_mode: str) -> dict:
-    """The metrics.json dict: AP values in % (None = undefined: no ground truth), AJI values as fractions."""
+    """The metrics.json dict: AP values in % (None = undefined: no ground truth), AJI values as fractions,
+    `max_dets_eval` (the cap, None = none) and `coco_max_dets` (COCO's maxDets; `segm_stats` / `bbox_stats`
+    name their AR stats after them, e.g. AR100)."""
     segm, bbox = raw["segm"], raw["bbox"]
+    triple = raw.get("coco_max_dets", (1, 10, COCO_MAX_DETS))
+    names_12 = stat_names(triple)
     per_category, undefined = {}, []
     for c, name in zip(category_ids, names):
         s = segm["per_category"][c]
@@ -129,13 +202,14 @@ def summarize(raw: dict, category_ids, names, *, split: str, num_images: int, nu
         per_category[str(name) if str(name) not in per_category else f"{name} ({c})"] = row
     out = {"split": split, "num_images": int(num_images), "num_detections": int(num_detections),
            "score_thresh": score_thresh, "aji_mode": aji_mode,
+           "max_dets_eval": raw.get("max_dets", COCO_MAX_DETS), "coco_max_dets": [int(m) for m in triple],
            "mAP": _pct(segm["stats"][0]), "AP50": _pct(segm["stats"][1]), "AP75": _pct(segm["stats"][2]),
            **{k: _frac(raw[k]["mean"]) for k in AJI_KINDS},
            "box_AP": _pct(bbox["stats"][0]) if bbox else None,
            "box_AP50": _pct(bbox["stats"][1]) if bbox else None,
            "box_AP75": _pct(bbox["stats"][2]) if bbox else None,
-           "segm_stats": {k: _pct(v) for k, v in zip(STAT_NAMES, segm["stats"])},
-           "bbox_stats": {k: _pct(v) for k, v in zip(STAT_NAMES, bbox["stats"])} if bbox else None,
+           "segm_stats": {k: _pct(v) for k, v in zip(names_12, segm["stats"])},
+           "bbox_stats": {k: _pct(v) for k, v in zip(names_12, bbox["stats"])} if bbox else None,
            "per_category": per_category}
     if raw.get("strata"):
         # CTO = GT instances that touch/overlap/cross another of their category (gains/cto.py); AJI mode clean
@@ -149,7 +223,7 @@ def summarize(raw: dict, category_ids, names, *, split: str, num_images: int, nu
                for k in ("mAP", "AP50", "AP75", "box_AP", *AJI_KINDS)}
         out["cell_nuclei_average"] = {"categories": [str(names[i]) for i in pair],
                                       "definition": "mean of the cell and nuclei category values", **avg}
-    notes = []
+    notes = list(raw.get("cap_notes", []))
     if num_detections == 0:
         notes.append("no predictions at all: AP and AJI are 0 for every category with ground truth")
     if undefined:
@@ -165,8 +239,12 @@ def format_table(m: dict) -> str:
         return f"{v * scale:7.2f}" if v is not None and math.isfinite(v) else "      -"
 
     thresh = "all detections" if m["score_thresh"] is None else f"score >= {m['score_thresh']:g}"
+    cap = m.get("max_dets_eval", COCO_MAX_DETS)
+    triple = m.get("coco_max_dets", [1, 10, COCO_MAX_DETS])
+    scored = (f"top {cap} per image and category, maxDets={cap}" if cap is not None
+              else f"no cap: every detection, maxDets={triple[-1]}")
     lines = [f"== {m['split']}: {m['num_images']} images, {m['num_detections']} detections ({thresh}) ==",
-             f"mask AP: COCO AP (%);  AJI: aji mode '{m['aji_mode']}' x100 ({thresh}, top 100 per category)",
+             f"mask AP: COCO AP (%);  AJI: aji mode '{m['aji_mode']}' x100 ({thresh}, {scored})",
              f"{'category':<22}{'mAP':>7} {'AP50':>7} {'AP75':>7} {'AJI':>7}"]
     rows = list(m["per_category"].items()) + [("average", m)]
     if "cell_nuclei_average" in m:
@@ -175,6 +253,10 @@ def format_table(m: dict) -> str:
         lines.append(f"{name[:21]:<22}{f(r['mAP'])} {f(r['AP50'])} {f(r['AP75'])} {f(r['aji'], 100)}")
     lines.append(f"box AP {f(m['box_AP']).strip()} | aji_kumar {f(m['aji_kumar'], 100).strip()} | "
                  f"aji_plus {f(m['aji_plus'], 100).strip()} (x100)")
+    stats = m.get("segm_stats") or {}
+    if stats:  # COCO's summary, its AR stats named by the maxDets in use (AR1, AR10, AR<cap>)
+        lines.append(f"COCO segm, maxDets={triple}: " + " ".join(f"{k} {f(v).strip()}"
+                                                                   for k, v in list(stats.items())[3:]))
     for name, label in (("cto", "CTO instances"), ("non_cto", "non-CTO instances")):
         r = (m.get("strata") or {}).get(name)
         if r:

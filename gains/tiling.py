@@ -3,10 +3,11 @@
 Grid. Tiles are `tile_size` x `tile_size` ORIGINAL pixels (a side shorter than a tile gives tiles as long as
 that side). Along each axis tile k starts at k * (tile_size - tile_overlap); the last tile is flush with the
 image border, so neighbours overlap by at least `tile_overlap` px and every pixel is covered. An image no
-larger than a tile is one tile. Each tile is resized and run exactly as the whole-image path runs an image
-of that size (gains.predictor.Predictor._detect), so a 512-px tile is seen at the scale a 512-px training
-image was; tiles of equal size are batched. Detections are mapped back by the tile's offset; their masks are
-pasted inside their tile only (pixels beyond a tile edge were never seen) and stored as crops.
+larger than a tile is one tile. Every tile of an image is resized by one factor, the scale the model was
+trained at (the `detect` callable carries it: gains.predictor.Predictor.scale_of, `test.tile_scale`), so a
+tile shows objects at the size training showed them, whatever `tile_size` is; tiles of equal size are
+batched. Detections are mapped back by the tile's offset; their masks are pasted inside their tile only
+(pixels beyond a tile edge were never seen) and stored as crops.
 
 Merging, so one object gives one instance (boxes are the detections' float boxes in image pixels):
 
@@ -22,7 +23,8 @@ Merging, so one object gives one instance (boxes are the detections' float boxes
     the model's order), a kept detection removes every detection of ANOTHER tile with the same label whose
     mask overlaps it by IoU >= merge_iou or by containment (intersection / smaller mask area) >=
     merge_containment; a removed detection removes nothing (as in NMS). Pairs within one tile are never
-    merged (the model's NMS already ran), so a one-tile image gives exactly the whole-image result. Only
+    merged (the model's NMS already ran), so a one-tile image seen at the whole image's scale (the
+    default without data.crop_size) gives exactly the whole-image result. Only
     pairs from overlapping tiles whose mask boxes meet the tiles' common rectangle are compared
     (CropMasks.intersections): never N x N dense masks.
 (c) The survivors, sorted by score (stable), are cut to `max_detections` (None = all).
@@ -189,7 +191,7 @@ def predict_tiled(image: Tensor, detect: Callable[[list[Tensor]], list[dict]], t
 
     image: float32 [3,H,W] in [0,1], normalised as a whole. detect: tiles (float [3,h,w] of one size) ->
     per tile `boxes` float [n,4] xyxy tile pixels, `labels` int64, `scores` float, `masks` CropMasks of
-    the tile's size (gains.predictor.Predictor._detect). Returns `boxes` float32 [N,4] xyxy image pixels,
+    the tile's size (gains.predictor.Predictor._detect with the image's tile scale bound: it resizes). Returns `boxes` float32 [N,4] xyxy image pixels,
     `labels` int64 [N], `scores` float32 [N] (descending) and `masks` CropMasks of size (H, W), on the CPU.
     """
     h, w = (int(s) for s in image.shape[-2:])

@@ -10,8 +10,14 @@ One random draw decides the size and the flip for all three, so a GA map stays r
   exactly the binarised resized shape, registered with the image at any scale. (Nearest neighbour,
   floor(r * s), shifts masks by up to half a source pixel: +0.47 px at 512 -> 800; detectron2 avoids it by
   transforming polygons continuously.)
-Boxes are recomputed from the resized masks. Masks and GA maps are dense tensors [N,H,W] or `SparseMaps` (patches, gains/sparse_maps.py); both
-go through the same geometry with the same numbers.
+Masks and GA maps are dense tensors [N,H,W] or `SparseMaps` (patches, gains/sparse_maps.py); both go through
+the same geometry with the same numbers.
+
+Boxes follow detectron2's DatasetMapper for the authors' config (polygon masks, no crop): the annotation's
+box (COCO xywh -> xyxy) goes through the same geometry as a shape of its own (`SampleTransform.apply_boxes`:
+the transformed corners' extent, clipped to [0, W] x [0, H]; detectron2's transform_instance_annotations),
+not recomputed from the resized mask; `nonempty_instances` is its filter_empty_instances. One random draw
+(`TrainTransform.draw` -> SampleTransform) is applied to the image, masks, GA maps and boxes alike.
 
 Beyond the paper's resize + horizontal flip (the paper configs use nothing else), training can take a random
 crop (`RandomCrop`, before the resize, in original pixels) and the microscopy augmentations vertical flip,
@@ -21,6 +27,7 @@ augmentation draws random numbers only when it is on, so the paper configs' rand
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +68,19 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     empty = ~rows.any(dim=1)
     boxes[empty] = 0.0
     return boxes
+
+
+def xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+    """COCO boxes [[x, y, w, h], ...] (pixel-edge coordinates) -> float32 [N,4] xyxy (x, y, x + w, y + h)."""
+    b = torch.tensor([[float(v) for v in box] for box in boxes], dtype=torch.float64).reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1).to(torch.float32)
+
+
+def nonempty_instances(boxes: torch.Tensor, masks, threshold: float = 1e-5) -> torch.Tensor:
+    """bool [N]: instances to keep after the transforms, as detectron2's filter_empty_instances: box width and
+    height > `threshold` and a mask with at least one pixel (a tiny instance can vanish in a downscale)."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    return (wh > threshold).all(1) & (mask_areas(masks) > 0)
 
 
 MASK_LEVEL = 0.5 - 1e-4  # resized mask: inside at >= 0.5; the margin makes exact ties (float noise) inside
@@ -159,8 +179,13 @@ class RandomCrop:
     cropped with it (GAMM ran on the whole image). An image smaller than the window on a side is not
     cropped on that side.
 
-    `__call__(image, masks, ga)` -> (image, masks, ga, keep int64 [M] indices of the kept instances,
-    dropped int = cut fragments dropped for their size).
+    `__call__(image, masks, ga=None, boxes=None)` -> (image, masks, ga, boxes, keep int64 [M] indices of the
+    kept instances, dropped int = cut fragments dropped for their size). `boxes` float [N,4] xyxy in the
+    image's pixels (or None) come back in the window's: an instance the window does not cut keeps its
+    annotation box (shifted, clipped to the window); a cut one gets the box of its visible pixels. (The
+    crop is this project's extension. detectron2's DatasetMapper, when it crops, recomputes every box from
+    the masks, recompute_boxes = MODEL.MASK_ON; uncut instances here keep the box the authors' uncropped
+    pipeline gives them.)
     """
 
     def __init__(self, size, min_area: int = 0):
@@ -170,7 +195,7 @@ class RandomCrop:
             raise ValueError(f"data.crop_size must be positive, got {size}")
         self.min_area = int(min_area)
 
-    def __call__(self, image, masks, ga=None):
+    def __call__(self, image, masks, ga=None, boxes=None):
         h, w = image.shape[-2:]
         ch, cw = min(self.size[0], h), min(self.size[1], w)
         top, left = random.randint(0, h - ch), random.randint(0, w - cw)
@@ -178,12 +203,66 @@ class RandomCrop:
         image, masks, ga = crop(image, masks, ga, top, left, ch, cw)
         after = mask_areas(masks)
         cut = after < before
+        if boxes is not None:
+            shifted = boxes.to(torch.float32) - torch.tensor([left, top, left, top], dtype=torch.float32)
+            shifted = torch.minimum(shifted.clamp(min=0), torch.tensor([cw, ch, cw, ch], dtype=torch.float32))
+            # a cut instance's clipped annotation box can be far larger than what is left of it (an L cut
+            # across its corner): its box is that of its visible pixels
+            boxes = torch.where(cut[:, None], masks_to_boxes(masks), shifted)
         keep_mask = (after > 0) & ~(cut & (after < self.min_area))
         dropped = int((cut & (after > 0) & ~keep_mask).sum())
         keep = torch.nonzero(keep_mask)[:, 0]
         if len(keep) < len(after):
             masks, ga = select(masks, ga, keep)
-        return image, masks, ga, keep, dropped
+            boxes = boxes[keep] if boxes is not None else None
+        return image, masks, ga, boxes, keep, dropped
+
+
+@dataclass(frozen=True)
+class SampleTransform:
+    """What one sample gets (one draw of TrainTransform, or EvalTransform's resize), applied alike to its
+    image, masks, GA maps and boxes: resize from `src_size` (h, w) to `size`, then a horizontal flip, a
+    vertical flip, `rot90` counter-clockwise quarter turns, and last (image only) the `intensity` factor
+    (None = off)."""
+
+    src_size: tuple[int, int]
+    size: tuple[int, int]
+    hflip: bool = False
+    vflip: bool = False
+    rot90: int = 0
+    intensity: float | None = None
+
+    def apply(self, image, masks, ga=None):
+        """image float [3,H,W], masks uint8 [N,H,W] / SparseMaps, GA maps float [N,H,W] / SparseMaps / None."""
+        image, masks, ga = resize(image, masks, ga, self.size)
+        if self.hflip:
+            image, masks, ga = hflip(image, masks, ga)
+        if self.vflip:
+            image, masks, ga = vflip(image, masks, ga)
+        if self.rot90:
+            image, masks, ga = rot90(image, masks, ga, self.rot90)
+        if self.intensity is not None:
+            image = (image * self.intensity).clamp(0.0, 1.0)
+        return image, masks, ga
+
+    def apply_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """float [N,4] xyxy in pixel-edge coordinates of the input (the image spans [0, W] x [0, H]) -> float32
+        [N,4] in the output's: the corners mapped as the image's pixels are (scaled by the resize, mirrored by
+        the flips, turned by rot90), then clipped to the output image, as detectron2's apply_box + clip."""
+        (h, w), (nh, nw) = self.src_size, self.size
+        b = boxes.to(torch.float64).reshape(-1, 4) * torch.tensor([nw / w, nh / h, nw / w, nh / h],
+                                                                   dtype=torch.float64)
+        x0, y0, x1, y1 = b.unbind(1)
+        height, width = nh, nw
+        if self.hflip:
+            x0, x1 = width - x1, width - x0
+        if self.vflip:
+            y0, y1 = height - y1, height - y0
+        for _ in range(self.rot90 % 4):  # as rot90() turns the image: transpose, then flip the rows
+            x0, y0, x1, y1, height, width = y0, x0, y1, x1, width, height
+            y0, y1 = height - y1, height - y0
+        out = torch.stack([x0, y0, x1, y1], 1).clamp(min=0)
+        return torch.minimum(out, torch.tensor([width, height, width, height], dtype=torch.float64)).to(torch.float32)
 
 
 class TrainTransform:
@@ -209,18 +288,18 @@ class TrainTransform:
             intensity_scale = (lo, hi)
         self.intensity_scale = intensity_scale
 
+    def draw(self, height: int, width: int) -> SampleTransform:
+        """The transform of one sample of size (height, width): the random numbers are drawn here, in the
+        order the paper configs' stream has always had (size, hflip, then only what is on)."""
+        size = resized_shape(height, width, random.choice(self.min_sizes), self.max_size)
+        flip = random.random() < self.hflip_prob
+        vflip = self.vflip_prob > 0 and random.random() < self.vflip_prob
+        turns = random.randint(1, 3) if self.rot90_prob > 0 and random.random() < self.rot90_prob else 0
+        intensity = random.uniform(*self.intensity_scale) if self.intensity_scale is not None else None
+        return SampleTransform((int(height), int(width)), size, flip, vflip, turns, intensity)
+
     def __call__(self, image, masks, ga=None):
-        size = resized_shape(*image.shape[-2:], random.choice(self.min_sizes), self.max_size)
-        image, masks, ga = resize(image, masks, ga, size)
-        if random.random() < self.hflip_prob:
-            image, masks, ga = hflip(image, masks, ga)
-        if self.vflip_prob > 0 and random.random() < self.vflip_prob:
-            image, masks, ga = vflip(image, masks, ga)
-        if self.rot90_prob > 0 and random.random() < self.rot90_prob:
-            image, masks, ga = rot90(image, masks, ga, random.randint(1, 3))
-        if self.intensity_scale is not None:
-            image = (image * random.uniform(*self.intensity_scale)).clamp(0.0, 1.0)
-        return image, masks, ga
+        return self.draw(*image.shape[-2:]).apply(image, masks, ga)
 
 
 class EvalTransform:
@@ -230,6 +309,9 @@ class EvalTransform:
         self.min_size = int(min_size if not isinstance(min_size, (list, tuple)) else min_size[-1])
         self.max_size = int(max_size)
 
+    def draw(self, height: int, width: int) -> SampleTransform:
+        """The (fixed) resize of an image of size (height, width)."""
+        return SampleTransform((int(height), int(width)), resized_shape(height, width, self.min_size, self.max_size))
+
     def __call__(self, image, masks, ga=None):
-        size = resized_shape(*image.shape[-2:], self.min_size, self.max_size)
-        return resize(image, masks, ga, size)
+        return self.draw(*image.shape[-2:]).apply(image, masks, ga)

@@ -28,12 +28,19 @@ MSRA caffe2 -> torchvision ResNet: `conv1_w`, `res_conv1_bn_{s,b}` -> conv1.weig
 `res{s}_{i}_branch{2a,2b,2c,1}_w` -> layer{s-1}.{i}.{conv1,conv2,conv3,downsample.0}.weight; `..._bn_{s,b,rm,riv}`
 -> {bn1,bn2,bn3,downsample.1}.{weight,bias,running_mean,running_var} (detectron2's c2 map); `fc1000_*`,
 `*_momentum` ignored by name. MSRA BN is a folded affine without statistics: mean 0 / var 1 are filled in.
+
+Input conventions (`InputConvention`, `input_convention`): ImageNet weights only give the right features on the
+input they were trained on. MSRA caffe2 / detectron2 files: BGR, mean [103.53, 116.28, 123.675], std 1,
+stride in the 1x1 conv (detectron2's own pixel_mean / pixel_std buffers when the file has them); torchvision
+ResNet state dicts and detectron2 files converted from them (`__author__: torchvision`): RGB, mean
+[123.675, 116.28, 103.53], std [58.395, 57.12, 57.375], stride in the 3x3 conv (detectron2's settings for them).
 """
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,6 +52,7 @@ RESNET_BLOCKS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)), 50: (True
                  101: (True, (3, 4, 23, 3))}
 NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
 MSRA_PIXEL_MEAN, MSRA_PIXEL_STD = [103.53, 116.28, 123.675], [1.0, 1.0, 1.0]
+TORCHVISION_PIXEL_MEAN, TORCHVISION_PIXEL_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 D2_RESNET = "backbone.bottom_up."
 GUIDANCE = re.compile(r"^roi_heads\.branch_guidance_conv_anomaly_layer(\d+)\.")
 DOUBLE_MASK, PLAIN_MASK, ANOMALY = ("roi_heads.double_branch_mask_head.", "roi_heads.mask_head.",
@@ -61,13 +69,130 @@ class ConversionError(CheckpointError):
     """A foreign checkpoint does not convert cleanly; the message names every offending key."""
 
 
+class WeightsInputError(CheckpointError, ValueError):
+    """Weights trained on one input convention meet a config that feeds the backbone another; the message
+    names the config keys to change."""
+
+
 def weights_format(state: dict) -> str:
-    """'detectron2', 'caffe2' (MSRA names), 'gains' or 'unknown', judged from the key names."""
+    """'detectron2', 'caffe2' (MSRA names), 'gains', 'torchvision' (a bare torchvision ResNet: `conv1.weight`,
+    `layer1.*`) or 'unknown', judged from the key names."""
     if any(k.startswith((D2_RESNET, "stem.conv1.", "module.backbone.bottom_up.")) for k in state):
         return "detectron2"
     if "conv1_w" in state or any(re.match(r"res\d_\d+_branch", k) for k in state):
         return "caffe2"
-    return "gains" if any(k.startswith("backbone.body.") for k in state) else "unknown"
+    if any(k.startswith("backbone.body.") for k in state):
+        return "gains"
+    names = {k[len("module."):] if k.startswith("module.") else k for k in state}
+    return "torchvision" if "conv1.weight" in names and any(k.startswith("layer1.") for k in names) else "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- input conventions
+INPUT_KEYS = ("model.input_format", "model.pixel_mean", "model.pixel_std", "model.backbone.stride_in_1x1")
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """The input a backbone's weights were trained on, as our config values.
+
+    `kind` names the file's kind in messages; `input_format` 'BGR' | 'RGB'; `pixel_mean` / `pixel_std` three
+    floats in 0-255 units, in input_format's channel order; `stride_in_1x1` where the first bottleneck of
+    res3..res5 strides. None anywhere means no requirement (basic-block ResNets have no stride choice; an old
+    config may lack a key)."""
+
+    kind: str
+    input_format: str | None
+    pixel_mean: tuple[float, ...] | None
+    pixel_std: tuple[float, ...] | None
+    stride_in_1x1: bool | None
+
+    def settings(self) -> dict:
+        """{dotted config key of INPUT_KEYS: value or None}."""
+        values = (self.input_format, None if self.pixel_mean is None else list(self.pixel_mean),
+                  None if self.pixel_std is None else list(self.pixel_std), self.stride_in_1x1)
+        return dict(zip(INPUT_KEYS, values))
+
+    def describe(self) -> str:
+        """'BGR, pixel mean [...], std [...], stride in the 1x1 conv' (the parts it requires)."""
+        parts = [self.input_format] if self.input_format else []
+        parts += [f"pixel {name} {list(v)}" for name, v in (("mean", self.pixel_mean), ("std", self.pixel_std))
+                  if v is not None]
+        if self.stride_in_1x1 is not None:
+            parts.append(f"stride in the {'1x1' if self.stride_in_1x1 else '3x3'} conv")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_config(cls, model_cfg: dict, kind: str) -> "InputConvention":
+        """The convention a gains model was trained with, from the `model` section of its resolved config."""
+        backbone = model_cfg.get("backbone") if isinstance(model_cfg.get("backbone"), dict) else {}
+        bottleneck = RESNET_BLOCKS.get(backbone.get("depth"), (True,))[0]
+
+        def three(key):
+            value = model_cfg.get(key)
+            return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) and len(value) == 3 else None
+        stride = backbone.get("stride_in_1x1")
+        return cls(kind, model_cfg.get("input_format") if model_cfg.get("input_format") in ("BGR", "RGB") else None,
+                   three("pixel_mean"), three("pixel_std"),
+                   bool(stride) if bottleneck and isinstance(stride, bool) else None)
+
+
+MSRA_INPUT = InputConvention("MSRA ImageNet weights (detectron2's R-50.pkl / R-101.pkl)", "BGR", tuple(MSRA_PIXEL_MEAN),
+                             tuple(MSRA_PIXEL_STD), True)
+TORCHVISION_INPUT = InputConvention("a torchvision ResNet state dict", "RGB", tuple(TORCHVISION_PIXEL_MEAN),
+                                    tuple(TORCHVISION_PIXEL_STD), False)
+
+
+def input_convention(state: dict, meta: dict | None = None) -> InputConvention | None:
+    """The convention of a weights file from its names (`weights_format`) and top-level entries (`meta`, e.g.
+    detectron2's `__author__`); None for gains checkpoints (their config says it: InputConvention.from_config)
+    and unknown names."""
+    fmt = weights_format(state)
+    if fmt == "torchvision":
+        return TORCHVISION_INPUT
+    if fmt == "caffe2":
+        return MSRA_INPUT
+    if fmt != "detectron2":
+        return None
+    if (meta or {}).get("__author__") == "torchvision":  # detectron2's convert-torchvision-to-d2.py output
+        return replace(TORCHVISION_INPUT, kind="torchvision ResNet weights converted for detectron2")
+    state = normalise_names(state)
+    mean, std = state.get("pixel_mean"), state.get("pixel_std")
+    if torch.is_tensor(mean) and torch.is_tensor(std) and mean.numel() == std.numel() == 3:
+        # a whole detectron2 model saved its input normalisation: that is what its backbone saw
+        return replace(MSRA_INPUT, kind="a detectron2 checkpoint", pixel_mean=tuple(mean.flatten().tolist()),
+                       pixel_std=tuple(std.flatten().tolist()))
+    return MSRA_INPUT
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):  # configs round means and stds
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(abs(float(x) - float(y)) < 1e-3 for x, y in zip(a, b)))
+    return a == b
+
+
+def _override(key: str, value) -> str:
+    """`key=value` as typed on the command line (YAML: lists without spaces, booleans lower-case)."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+
+
+def _fits(convention: InputConvention, current: dict) -> bool:
+    return all(v is None or current.get(k) is None or _same(current[k], v) for k, v in convention.settings().items())
+
+
+def check_input_convention(convention: InputConvention, current: dict, where: str) -> None:
+    """Raise WeightsInputError (one line) when `current` ({key of INPUT_KEYS: value}, None = no requirement)
+    feeds the backbone other input than `convention` was trained on; the message names `where` (the file and
+    the config key that named it), the file's kind, every `key=value` to set, and the kind of weights the
+    config's own settings would fit."""
+    fixes = [_override(k, v) for k, v in convention.settings().items()
+             if v is not None and current.get(k) is not None and not _same(current[k], v)]
+    if not fixes:
+        return
+    other = next((c for c in (MSRA_INPUT, TORCHVISION_INPUT) if c.kind != convention.kind and _fits(c, current)), None)
+    alternative = f", or use {other.kind}, which the config's settings fit" if other is not None else ""
+    raise WeightsInputError(f"{where} holds {convention.kind}, trained on {convention.describe()}, but the config "
+                            f"feeds the backbone other input: set {' '.join(fixes)}{alternative}")
 
 
 # ----------------------------------------------------------------------------------------------- the map

@@ -153,7 +153,7 @@ def test_modes_equal_when_every_gt_is_matched():
 
 def test_counting_rules_and_max_dets():
     """An image without GT or prediction of a category is not counted; only the top 100 predictions
-    (by score) take part in `aji`; Kumar and AJI+ use them all."""
+    (by score) take part in `aji`; Kumar and AJI+ use them all unless given the same cap."""
     gts = [{"image_id": 1, "labels": [1], "masks": _box(0, 10, 0, 10)[None]},
            {"image_id": 2, "labels": [2], "masks": _box(0, 10, 0, 10)[None]}]
     many = [_box(15, 16, i % 20, i % 20 + 1) for i in range(100)] + [_box(0, 10, 0, 10)]
@@ -162,6 +162,13 @@ def test_counting_rules_and_max_dets():
     out = aji(gts, dets, [1, 2, 3])
     assert out["per_image"] == {1: {1: 0.0}, 2: {2: 0.0}} and out["per_category"][3] is None
     assert aji_kumar(gts, dets, [1, 2, 3])["per_image"][1][1] == pytest.approx(100 / 200)
+    # the evaluator's cap (test.max_dets_eval) applies to every variant: the hit is the 101st detection
+    for fn in (aji, aji_kumar, aji_plus):
+        assert fn(gts, dets, [1], max_dets=100)["per_image"][1][1] == 0.0, fn.__name__
+        assert fn(gts, dets, [1], max_dets=101)["per_image"][1][1] == pytest.approx(100 / 200), fn.__name__
+    out = instance_metrics(gts, dets, [1, 2], max_dets=(1, 10, 100))  # one cap for AP and every AJI
+    assert out["aji_kumar"]["mean"] == out["aji_plus"]["mean"] == out["aji"]["mean"] == 0.0
+    assert instance_metrics(gts, dets, [1, 2], max_dets=(1, 10, 101))["aji_plus"]["per_category"][1] == 0.5
 
 
 def test_instance_metrics_shares_one_pass():

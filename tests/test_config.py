@@ -98,3 +98,26 @@ def test_moved_key_still_loads_with_a_warning(tmp_path):
     dump_config(saved, tmp_path / "saved.yaml")
     with pytest.warns(FutureWarning):
         assert load_config(tmp_path / "saved.yaml").model.roi_heads.mask_loss_weight == 0.25
+
+
+PAPER_CONFIGS = [f"{d}_r{depth}.yaml" for d in ("isbi", "ucoc", "kaggle") for depth in (50, 101)]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_cannot_train_frozen_bn_on_a_random_resnet(name):
+    """As shipped (frozen BN, weights null) a paper config is refused before training, naming both fixes;
+    each fix, or the explicit allowance, lets it through."""
+    from gains.model import check_backbone_init
+
+    path = CONFIG_DIR / name
+    cfg = load_config(path)
+    assert (cfg.model.backbone.norm, cfg.model.backbone.weights) == ("frozen_bn", None)
+    with pytest.raises(ConfigError) as e:
+        check_backbone_init(cfg)
+    depth = cfg.model.backbone.depth
+    assert f"model.backbone.weights=weights/R-{depth}.pkl" in str(e.value) and "\n" not in str(e.value)
+    assert "model.backbone.norm=gn model.backbone.freeze_at=0" in str(e.value)
+    for fix in ([f"model.backbone.weights=weights/R-{depth}.pkl"], ["init_weights=model_final.pth"],
+                ["model.backbone.norm=gn", "model.backbone.freeze_at=0"],
+                ["model.backbone.allow_frozen_bn_from_scratch=true"]):
+        check_backbone_init(load_config(path, fix))

@@ -145,6 +145,35 @@ def test_gt_pred_empty_results_and_bad_inputs(gt_and_results, tmp_path, capsys):
         cli.main(["--gt", str(gt_path)])
 
 
+def test_gt_pred_max_dets_option(tmp_path, capsys):
+    """--max-dets N scores the top N per image and category (pycocotools' maxDets), 'none' every detection
+    (the default); the table and metrics.json name the cap, and a warning names the crowded image."""
+    from test_evaluation import crowded_field, pycocotools_segm
+
+    gt, results = crowded_field()
+    gt_path, pred_path = tmp_path / "gt.json", tmp_path / "pred.json"
+    gt_path.write_text(json.dumps(gt))
+    pred_path.write_text(json.dumps(results))
+    metrics = {}
+    for option, max_dets in (("100", (1, 10, 100)), ("1000", (1, 10, 1000)), ("none", (1, 10, 154)),
+                             (None, (1, 10, 154))):
+        out = tmp_path / f"m_{option}.json"
+        args = ["--gt", str(gt_path), "--pred", str(pred_path), "--out", str(out)]
+        assert cli.main(args + (["--max-dets", option] if option else [])) == 0
+        m = metrics[option] = json.loads(out.read_text())
+        assert m["coco_max_dets"] == list(max_dets) and m["AP50"] == pytest.approx(
+            100 * pycocotools_segm(gt, results, max_dets)[1], abs=1e-10)
+        printed = capsys.readouterr().out
+        assert (f"maxDets={max_dets[-1]}" in printed) and (f"AR{max_dets[-1]}" in printed)
+    assert metrics["100"]["max_dets_eval"] == 100 and metrics["none"]["max_dets_eval"] is None
+    assert metrics["100"]["AP50"] < metrics["none"]["AP50"] == metrics[None]["AP50"] == metrics["1000"]["AP50"]
+    assert any("image id 42" in n for n in metrics["100"]["notes"])
+    for bad in ("5", "many"):
+        with pytest.raises(SystemExit):
+            cli.main(["--gt", str(gt_path), "--pred", str(pred_path), "--max-dets", bad])
+        assert "--max-dets" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- --ckpt
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -176,6 +205,10 @@ def test_ckpt_mode_uses_the_saved_config_and_writes_outputs(checkpoint, tmp_path
     assert cli.main(["--ckpt", str(checkpoint), "test.aji_mode=gains", "test.vis=0"]) == 0
     m = json.loads((checkpoint.parent / "eval_test/metrics.json").read_text())
     assert m["aji_mode"] == "gains" and m["num_images"] == 3
+    assert m["max_dets_eval"] is None  # the saved config's test.max_dets_eval (base.yaml: no cap)
+    assert cli.main(["--ckpt", str(checkpoint), "--out", str(out), "--max-dets", "20", "test.vis=0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["max_dets_eval"] == 20  # --max-dets overrides it
+    assert "top 20 per image and category, maxDets=20" in capsys.readouterr().out
 
 
 def test_ckpt_mode_with_explicit_config_file(checkpoint, tmp_path):
@@ -229,8 +262,10 @@ def test_images_mode_on_mixed_formats(checkpoint, tmp_path):
     from pycocotools import mask as mask_utils
 
     from gains.exports import read_instances_npz
+    from gains.geojson_io import read_geojson_instances
     for e in index["images"]:
-        pred = read_instances_npz(out / "masks" / f"{e['file_name']}.npz")
+        stem = Path(e["file_name"]).stem  # outputs are named after the image's stem
+        pred = read_instances_npz(out / "masks" / f"{stem}.npz")
         n = len(pred["scores"])
         assert pred["masks"].image_size == (e["height"], e["width"]) and len(pred["masks"]) == n
         assert pred["labels"].shape == (n,) and pred["boxes"].shape == (n, 4)
@@ -240,14 +275,16 @@ def test_images_mode_on_mixed_formats(checkpoint, tmp_path):
         for r, m in zip(mine, dense):  # the json, the npz and the label image describe the same masks
             assert np.array_equal(mask_utils.decode({"size": r["segmentation"]["size"],
                                                      "counts": r["segmentation"]["counts"].encode()}), m)
-        labels = tifffile.imread(out / "labels" / f"{e['file_name']}_labels.tif")
+        labels = tifffile.imread(out / "labels" / f"{stem}_labels.tif")
         assert labels.shape == (e["height"], e["width"]) and labels.dtype == np.uint16
         for k in np.unique(labels[labels > 0]):
             assert dense[k - 1][labels == k].all()  # a pixel labelled k lies in mask k-1
         assert (labels > 0).sum() == dense.any(0).sum()
-        rois = roifile.roiread(out / "rois" / f"{e['file_name']}_rois.zip") if n else []
+        rois = roifile.roiread(out / "rois" / f"{stem}_rois.zip") if n else []
         assert len(rois if isinstance(rois, list) else [rois]) >= int((pred["masks"].areas() > 0).sum())
-        assert (out / "overlays" / f"{e['file_name']}.png").is_file()
+        assert (out / "overlays" / f"{stem}.png").is_file()
+        geo, _ = read_geojson_instances(out / "geojson" / f"{stem}.geojson", e["height"], e["width"], "none")
+        assert [m.tolist() for m in geo.dense()] == [m.tolist() for m in dense if m.any()]  # overlaps kept
     assert len(results) > 0  # score_thresh 0 in the checkpoint's config: a random model detects something
 
 
@@ -262,10 +299,10 @@ def test_images_mode_tiles_large_images(checkpoint, tmp_path):
     out = tmp_path / "pred"
     assert cli.main(["--ckpt", str(checkpoint), "--images", str(folder), "--out", str(out), "test.tiling=always",
                      "test.tile_size=48", "test.tile_overlap=16", "test.max_detections=500"]) == 0
-    pred = read_instances_npz(out / "masks" / "field.tif.npz")
+    pred = read_instances_npz(out / "masks" / "field.npz")
     results = json.loads((out / "results.json").read_text())
     assert pred["masks"].image_size == (90, 130) and len(results) == len(pred["scores"]) <= 500
-    assert tifffile.imread(out / "labels" / "field.tif_labels.tif").shape == (90, 130)
+    assert tifffile.imread(out / "labels" / "field_labels.tif").shape == (90, 130)
 
 
 def test_readme_python_predictor_snippet(checkpoint, tmp_path):
@@ -301,6 +338,17 @@ def test_images_mode_errors(checkpoint, tmp_path, capsys):
     assert cli.main(["--ckpt", str(checkpoint), "--images", str(tmp_path / "broken"), "--out", str(out)]) == 1
     assert "cannot read image" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_images_sharing_a_stem_are_refused_before_the_model_loads(tmp_path, capsys):
+    """Outputs are named after the stem (X_labels.tif): X.png and X.tif would overwrite each other's."""
+    from conftest import write_png
+    folder = tmp_path / "imgs"
+    for name in ("field.png", "field.tif", "other.png"):
+        write_png(folder / name, np.zeros((8, 8), np.uint8))
+    assert cli.main(["--ckpt", str(tmp_path / "no_model.pth"), "--images", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "images field.png and field.tif share a name stem" in err and "no_model" not in err
 
 
 # ----------------------------------------------------------------------------------------------- end to end

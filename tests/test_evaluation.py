@@ -303,3 +303,122 @@ def test_overlays_draw_only_confident_detections(rect_data, tmp_path, monkeypatc
     (gt_title, gt_masks), (pred_title, pred_masks) = drawn[0]
     # image 11 has 4 GT answered with scores 0.9, 0.89, 0.88, 0.87: only the first passes 0.895
     assert len(gt_masks) == 4 and len(pred_masks) == 1 and "score >= 0.895" in pred_title
+
+
+# ----------------------------------------------------------------------------------------------- detection cap
+def crowded_field(seed: int = 0):
+    """A COCO gt dict and results: image 42 holds 144 nuclei (6x6 squares on an 8-px grid, ~190 nuclei per
+    frame being the case that exposed the cap), image 43 holds 20; one result per nucleus (shifted 0-1 px,
+    random scores) plus 10 false positives per image. bbox fields included (box AP)."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": 42, "height": 100, "width": 100}, {"id": 43, "height": 100, "width": 100}]
+    anns, results = [], []
+
+    def rle_of(x, y, s):
+        m = np.zeros((100, 100), np.uint8)
+        m[y:y + s, x:x + s] = 1
+        r = mask_utils.encode(np.asfortranarray(m))
+        return {"size": [100, 100], "counts": r["counts"].decode()}
+
+    for image_id, n in ((42, 144), (43, 20)):
+        for k in range(n):
+            x, y = 2 + 8 * (k % 12), 2 + 8 * (k // 12)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                         "segmentation": rle_of(x, y, 6), "area": 36.0, "bbox": [x, y, 6, 6]})
+            dx, dy = (int(v) for v in rng.integers(0, 2, 2))
+            results.append({"image_id": image_id, "category_id": 1, "score": float(rng.random()),
+                            "segmentation": rle_of(x + dx, y + dy, 6), "bbox": [x + dx, y + dy, 6, 6]})
+        for _ in range(10):
+            x, y = (int(v) for v in rng.integers(0, 94, 2))
+            results.append({"image_id": image_id, "category_id": 1, "score": float(rng.random() * 0.5),
+                            "segmentation": rle_of(x, y, 5), "bbox": [x, y, 5, 5]})
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+    return gt, results
+
+
+def pycocotools_segm(gt, results, max_dets):
+    """(stats with stats[0] = AP at the largest maxDets, as ours) from pycocotools with `max_dets`."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes([{k: v for k, v in r.items() if k != "bbox"} for r in results]), "segm")
+        ev.params.maxDets = list(max_dets)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    p = ev.eval["precision"][:, :, :, 0, -1]
+    return [float(np.mean(p[p > -1]))] + list(ev.stats[1:])
+
+
+def test_cap_is_pycocotools_maxdets_and_every_aji_follows_it():
+    gt, results = crowded_field()
+    capped = evaluate_results(gt, results, max_dets=100)
+    wide = evaluate_results(gt, results, max_dets=1000)
+    uncapped = evaluate_results(gt, results)  # None: no cap (base.yaml)
+    for m, max_dets in ((capped, (1, 10, 100)), (wide, (1, 10, 1000)), (uncapped, (1, 10, 154))):
+        assert m["coco_max_dets"] == list(max_dets)
+        ref = pycocotools_segm(gt, results, max_dets)
+        got = [np.nan if v is None else v / 100 for v in m["segm_stats"].values()]  # None: -1 (no large GT)
+        np.testing.assert_allclose(got, np.where(np.array(ref) < 0, np.nan, ref), atol=1e-12)
+        assert m["mAP"] == pytest.approx(100 * ref[0], abs=1e-10)
+    assert wide["max_dets_eval"] == 1000 and uncapped["max_dets_eval"] is None
+    assert list(wide["segm_stats"])[6:9] == ["AR1", "AR10", "AR1000"]  # the summary names the cap in use
+    assert list(uncapped["segm_stats"])[6:9] == ["AR1", "AR10", "AR154"]  # 154: the most of one image
+    # nothing is truncated without a cap; at 100, 44 nuclei of image 42 can never be matched
+    assert uncapped["AP50"] == wide["AP50"] > capped["AP50"] + 10
+    for kind in ("aji", "aji_kumar", "aji_plus"):  # every AJI scores the same top 100 as AP
+        assert uncapped[kind] == pytest.approx(wide[kind], abs=1e-15) and capped[kind] < uncapped[kind] - 0.05, kind
+    # the same numbers as the in-memory metrics with that cap, AJI variants included
+    from gains.metrics import aji, aji_kumar, aji_plus
+    gts, dets = [], []
+    for image_id in (42, 43):
+        anns = [a for a in gt["annotations"] if a["image_id"] == image_id]
+        rs = [r for r in results if r["image_id"] == image_id]
+        gts.append({"image_id": image_id, "labels": [1] * len(anns), "masks": [a["segmentation"] for a in anns]})
+        dets.append({"labels": [1] * len(rs), "scores": [r["score"] for r in rs],
+                     "masks": [r["segmentation"] for r in rs]})
+    assert capped["aji"] == pytest.approx(aji(gts, dets, [1], max_dets=100)["mean"], abs=1e-15)
+    assert capped["aji_kumar"] == pytest.approx(aji_kumar(gts, dets, [1], max_dets=100)["mean"], abs=1e-15)
+    assert capped["aji_plus"] == pytest.approx(aji_plus(gts, dets, [1], max_dets=100)["mean"], abs=1e-15)
+
+
+def test_cap_warns_names_the_image_and_shows_in_the_table():
+    gt, results = crowded_field()
+    with pytest.warns(UserWarning) as caught:
+        capped = evaluate_results(gt, results, max_dets=100)
+    messages = [str(w.message) for w in caught]
+    assert any("1 image(s) have more ground-truth instances of one category than the evaluation cap "
+               "test.max_dets_eval (evaluate.py --max-dets)=100 (most: image id 42, category 1: 144)" in m
+               and "to null (none) or above 144" in m for m in messages), messages
+    assert any("more detections of one category" in m and "image id 42, category 1: 154" in m for m in messages)
+    assert capped["notes"][:2] == [m for m in messages if "evaluation cap" in m]  # in metrics.json too
+    table = format_table(capped)
+    assert "top 100 per image and category, maxDets=100" in table and "AR100" in table
+    import warnings as warnings_module
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error")  # no cap, or a cap above every image: silent
+        uncapped = evaluate_results(gt, results)
+        evaluate_results(gt, results, max_dets=200)
+    assert "no cap: every detection, maxDets=154" in format_table(uncapped) and not uncapped["notes"]
+    for bad in (5, 0, 2.5, "100"):
+        with pytest.raises(EvaluationError, match=r"max_dets \(evaluate\.py --max-dets\) must be null.*>= 10"):
+            evaluate_results(gt, results, max_dets=bad)
+
+
+def test_model_evaluation_reads_the_cap_from_the_config(rect_data, tmp_path):
+    cfg = rect_cfg(rect_data, "test.vis=0", "test.max_dets_eval=10")
+    model = PerfectModel(build_dataset(cfg, "test", is_train=False))
+    m = evaluate_model(model, cfg, "test", tmp_path / "out", verbose=False)
+    assert m["max_dets_eval"] == 10 and m["coco_max_dets"] == [1, 10, 10] and m["mAP"] == pytest.approx(100)
+    assert json.loads((tmp_path / "out/metrics.json").read_text())["max_dets_eval"] == 10
+    with pytest.raises(EvaluationError, match=r"test\.max_dets_eval must be null .*got 3"):
+        evaluate_model(model, rect_cfg(rect_data, "test.max_dets_eval=3"), "test", tmp_path / "bad", verbose=False)
+    assert not (tmp_path / "bad").exists() and len(model.seen) == 3  # refused before predicting anything

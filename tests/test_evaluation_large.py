@@ -62,7 +62,8 @@ def test_large_image_is_tiled_and_scored_from_runs(tmp_path, monkeypatch):
     m = evaluate_model(model, cfg, "test", tmp_path / "out", verbose=False)
     assert sorted(dense_calls) == [(5, True), (9, False)]  # the large image never gets dense GT masks
     assert m["num_images"] == 2 and m["tiled_images"] == [5]
-    assert any("tile by tile" in n and "[5]" in n for n in m["notes"])
+    assert any("tile by tile" in n and "[5]" in n and "each tile resized by their whole image's test resize" in n
+               for n in m["notes"])  # the scale the tiles were seen at (no data.crop_size: the image's own)
     assert json.loads((tmp_path / "out/metrics.json").read_text())["tiled_images"] == [5]
     results = json.loads((tmp_path / "out/results_test.json").read_text())
     assert len(results) == m["num_detections"] > 0
@@ -187,3 +188,43 @@ def test_results_file_mode_scores_a_large_field_without_dense_masks():
     ev = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "segm")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert m["mAP"] == pytest.approx(100 * ev.stats[0], abs=1e-9) and 0 < m["mAP"] < 100
+
+
+PAPER_CONFIGS = ("isbi_r50", "isbi_r101", "ucoc_r50", "ucoc_r101", "kaggle_r50", "kaggle_r101")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_evaluate_whole_images_with_100_detections(name):
+    """The authors' evaluation: detectron2 runs whole images (100 detections) and their evaluator scores the
+    top 100 per image and category; base.yaml's tiling (512-px tiles) would tile UCOC's and Kaggle's
+    480x640 / 600x400 inputs and cap them at 300."""
+    from gains.config import CONFIG_DIR, load_config
+    from gains.predictor import Predictor
+    from test_tiling import FakeSegmenter
+
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    assert (cfg.test.max_dets_eval, cfg.test.tiling, cfg.test.detections_per_tile) == (100, "never", None)
+    predictor = Predictor.from_config(FakeSegmenter(), cfg, progress=False, device="cpu")
+    assert not any(predictor._tiles(h, w) for h, w in ((480, 640), (600, 400), (512, 512), (1000, 1000)))
+    base = load_config(None)
+    assert base.test.max_dets_eval is None and Predictor.from_config(FakeSegmenter(), base)._tiles(480, 640)
+
+
+def test_a_paper_config_evaluates_a_large_image_whole(tmp_path):
+    """isbi_r50.yaml's own test section (tiny model and data swapped in): the 150x200 image that base.yaml's
+    settings tile (test_large_image_is_tiled_and_scored_from_runs) takes the whole-image path."""
+    from gains.config import CONFIG_DIR, load_config
+    from gains.model import build_model
+
+    root = mixed_dataset(tmp_path / "data")
+    overrides = [f"data.root={root}", "data.num_workers=0", "device=cpu", "model.mode=mask_rcnn",
+                 "model.backbone.depth=18", "model.backbone.norm=gn", "model.backbone.freeze_at=0",
+                 "model.backbone.fpn_channels=32", "model.roi_heads.fc_dim=64", "model.roi_heads.mask_conv_dim=32",
+                 "data.min_size_test=64", "data.max_size_test=64",
+                 "test.vis=0", "test.score_thresh=0.0", "model.roi_heads.score_thresh_test=0.0", *TILING]
+    cfg = load_config(CONFIG_DIR / "isbi_r50.yaml", overrides)
+    torch.manual_seed(0)
+    m = evaluate_model(build_model(cfg), cfg, "test", tmp_path / "out", verbose=False)
+    assert "tiled_images" not in m and m["max_dets_eval"] == 100 and m["coco_max_dets"] == [1, 10, 100]
+    results = json.loads((tmp_path / "out/results_test.json").read_text())
+    assert 0 < sum(r["image_id"] == 5 for r in results) <= 100  # the model's own cap, as detectron2

@@ -28,7 +28,6 @@ from test_model import make_sample, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.usefixtures("restore_global_state"),
-              pytest.mark.filterwarnings("ignore:model.backbone.norm=frozen_bn"),
               pytest.mark.filterwarnings("ignore:solver.amp=fp16 on the CPU")]
 
 

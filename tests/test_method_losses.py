@@ -18,8 +18,6 @@ import torch.nn.functional as F
 
 from tests.test_model import tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:model.backbone.norm=frozen_bn")
-
 SIZE = 28  # = 2 x mask_pooler_resolution (14)
 # The paper's table, written out independently of gains.model.MODES: (GA-weighted BCE, branch, mask weight)
 PAPER = {"mask_rcnn": (False, False, 1.0), "reweight_only": (True, False, 1.0),

@@ -14,9 +14,8 @@ import torch
 from gains.config import load_config
 from gains.model import MODES, build_model
 
-# Most tests use frozen BN without weights on purpose (the fastest setting); its warning is tested once below.
-pytestmark = pytest.mark.filterwarnings("ignore:model.backbone.norm=frozen_bn")
-
+# Most tests build frozen BN models without weights on purpose (the fastest setting) with build_model, which
+# allows it: only training a config-built model refuses it (check_backbone_init, tested below).
 TINY = ["model.backbone.fpn_channels=32", "model.roi_heads.mask_conv_dim=16", "model.roi_heads.fc_dim=32",
         "model.rpn.batch_size_per_image=64", "model.roi_heads.batch_size_per_image=64",
         "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=100",
@@ -113,14 +112,28 @@ def test_mask_rcnn_needs_no_ga_and_gains_requires_it():
             tiny_model(mode).train()([image], [target])
 
 
-def test_bad_labels_and_frozen_bn_from_scratch_are_reported():
+def test_bad_labels_are_reported():
     image, target = make_sample(labels=[1, 3])
     with pytest.raises(ValueError, match=r"image_id 1: labels must lie in 1..2"):
         tiny_model("mask_rcnn").train()([image], [target])
-    from gains.engine import _build_default_model
-    cfg = load_config(None, TINY + ["model.backbone.depth=18"])
-    with pytest.warns(UserWarning, match="frozen_bn without model.backbone.weights"):
-        _build_default_model(cfg)  # training warns; loading a checkpoint for evaluation does not
+
+
+def test_training_refuses_frozen_bn_from_scratch_unless_allowed(tmp_path):
+    """Frozen BN on a random ResNet is unstable: engine.train stops before any work (nothing written) with
+    one line naming both fixes; the allowance key, ImageNet weights or init_weights let it through."""
+    from gains import engine
+    from gains.errors import ConfigError
+    from gains.model import check_backbone_init
+
+    cfg = load_config(None, TINY + ["model.backbone.depth=18", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^model\.backbone\.norm=frozen_bn with model\.backbone\.weights=null.*"
+                                          r"model\.backbone\.weights=PATH, a torchvision resnet18 state dict.*"
+                                          r"model\.backbone\.norm=gn model\.backbone\.freeze_at=0"):
+        engine.train(cfg)
+    assert not (tmp_path / "run").exists()
+    for allowed in ("model.backbone.allow_frozen_bn_from_scratch=true", "model.backbone.weights=r18.pth",
+                    "init_weights=model_final.pth", "model.backbone.norm=gn"):
+        check_backbone_init(load_config(None, TINY + [allowed]))
 
 
 def test_inputs_are_not_modified():

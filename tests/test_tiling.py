@@ -2,8 +2,9 @@
 rules, the caps, the error and warning for bad settings, and memory on a 4096 x 4096 field.
 
 Most tests use `FakeSegmenter`, a stand-in model that "detects" bright regions of its input exactly, so the
-expected instances are known: rectangles of value > 0.5 on a black image. With min_size_test = tile_size
-the tiles are not resized and an all-ones 28 x 28 mask pastes back to exactly its rectangle.
+expected instances are known: rectangles of value > 0.5 on a black image. With tile_scale = 1 the tiles are
+not resized and an all-ones 28 x 28 mask pastes back to exactly its rectangle. `ScaleSensitiveSegmenter`
+only sees objects of the size it was "trained" on, so it fails when tiles are seen at another scale.
 """
 from __future__ import annotations
 
@@ -59,6 +60,21 @@ class FakeSegmenter(torch.nn.Module):
                 "masks": torch.stack(masks) if masks else torch.zeros(0, 1, 28, 28)}
 
 
+class ScaleSensitiveSegmenter(FakeSegmenter):
+    """FakeSegmenter that, like a trained detector, finds only objects of the size it was trained on: regions
+    whose longer box side in ITS INPUT pixels lies in `sides` (inclusive). Shown at another scale, the same
+    objects are missed, so only tiles seen at the training scale reproduce the whole-image result."""
+
+    def __init__(self, sides=(6, 14), **kw):
+        super().__init__(**kw)
+        self.sides = sides
+
+    def _regions(self, g: np.ndarray):
+        for score, sl, comp in super()._regions(g):
+            if self.sides[0] <= max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) <= self.sides[1]:
+                yield score, sl, comp
+
+
 def draw(h: int, w: int, rects) -> np.ndarray:
     """float32 [H, W] image: rectangles (x0, y0, x1, y1, value) on black, later ones on top."""
     image = np.zeros((h, w), np.float32)
@@ -74,10 +90,10 @@ def rect_mask(h, w, x0, y0, x1, y1) -> np.ndarray:
 
 
 def predictor(model, **kw) -> Predictor:
-    """64-px tiles overlapping by 16, not resized (min_size_test = tile_size): tiles of a 112-px side start
-    at 0 and 48, so their overlap is the band [48, 64)."""
+    """64-px tiles overlapping by 16, not resized (tile_scale 1): tiles of a 112-px side start at 0 and 48,
+    so their overlap is the band [48, 64)."""
     kw = {"min_size_test": 64, "max_size_test": 100000, "tiling": "always", "tile_size": 64,
-          "tile_overlap": 16, "progress": False, **kw}
+          "tile_overlap": 16, "tile_scale": 1.0, "progress": False, **kw}
     return Predictor(model, device="cpu", **kw)
 
 
@@ -195,7 +211,8 @@ def test_image_smaller_than_a_tile_tiled_equals_whole_image():
 
 
 def test_tiled_and_whole_image_agree_on_a_small_image():
-    """Recall: separate objects smaller than the overlap, 16 tiles upscaled 2.3x vs the unresized image."""
+    """Recall: separate objects smaller than the overlap, 16 tiles vs the whole image, both unresized (the
+    whole image's test resize is 1x, so its tiles are not resized either)."""
     rng = np.random.default_rng(0)
     rects, taken = [], np.zeros((150, 150), bool)
     while len(rects) < 14:
@@ -209,12 +226,79 @@ def test_tiled_and_whole_image_agree_on_a_small_image():
     whole = Predictor(FakeSegmenter(), tiling="never", **kw)(image)[0]
     model = FakeSegmenter()
     tiled = Predictor(model, tiling="auto", **kw)(image)[0]
-    assert model.calls[0][1] == (150, 150) and len(model.calls) == 4  # 16 tiles of 64 px, upscaled, batches of 4
+    assert model.calls[0][1] == (64, 64) and len(model.calls) == 4  # 16 tiles of 64 px, batches of 4
     assert len(whole["scores"]) == len(tiled["scores"]) == len(rects)
     assert tiled["scores"].tolist() == pytest.approx(whole["scores"].tolist())
     inter = whole["masks"].intersections(tiled["masks"])
     union = whole["masks"].areas()[:, None] + tiled["masks"].areas()[None] - inter
     assert (np.diag(inter / union) > 0.8).all()  # same order (scores), same objects
+
+
+def _separate_rects(rng, size: int, n: int, sides=(16, 25), gap=6):
+    rects, taken = [], np.zeros((size, size), bool)
+    while len(rects) < n:
+        w, h = rng.integers(*sides, 2)
+        x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+        if not taken[max(y - gap, 0):y + h + gap, max(x - gap, 0):x + w + gap].any():
+            taken[y:y + h, x:x + w] = True
+            rects.append((x, y, x + w, y + h, 0.6 + 0.01 * len(rects)))
+    return rects
+
+
+def test_tiles_are_seen_at_the_whole_image_scale_and_agree_with_it():
+    """A 300-px image whose test resize halves it (min_size_test 150): its 128-px tiles are halved too (not
+    resized to 150 px, 1.17x, as 'a test image of tile_size' would be), so the scale-sensitive model finds
+    the same objects in the tiles as in the whole image: same count, scores and masks."""
+    rects = _separate_rects(np.random.default_rng(1), 300, 20)  # 16-24 px: 8-12 px at the model's scale
+    image = draw(300, 300, rects)
+    kw = {"min_size_test": 150, "max_size_test": 1000, "tile_size": 128, "tile_overlap": 48, "progress": False}
+    whole_model, tiled_model = ScaleSensitiveSegmenter(), ScaleSensitiveSegmenter()
+    whole = Predictor(whole_model, tiling="never", **kw)(image)[0]
+    tiled_predictor = Predictor(tiled_model, tiling="auto", **kw)
+    tiled = tiled_predictor(image)[0]
+    assert whole_model.calls[0][1] == (150, 150) and tiled_predictor.scale_of(300, 300) == (0.5, 0.5)
+    assert {c[1] for c in tiled_model.calls} == {(64, 64)}  # every 128-px tile halved like the whole image
+    assert len(whole["scores"]) == len(rects)  # the whole image at its scale finds every object
+    assert tiled["scores"].tolist() == pytest.approx(whole["scores"].tolist())  # same objects, same order
+    inter = whole["masks"].intersections(tiled["masks"])
+    union = whole["masks"].areas()[:, None] + tiled["masks"].areas()[None] - inter
+    assert (np.diag(inter / union) > 0.9).all()
+    assert torch.allclose(whole["boxes"], tiled["boxes"], atol=1.0)
+
+
+def test_tile_scale_follows_the_training_crop_and_the_config():
+    from gains.errors import ConfigError
+    from gains.predictor import tile_scale_from_config
+
+    assert tile_scale_from_config(load_config(None)) is None  # whole-image training: each image's own factor
+    crop = load_config(None, ["data.crop_size=[512,512]"])
+    assert tile_scale_from_config(crop) == 800 / 512  # the test resize of a training crop
+    assert tile_scale_from_config(load_config(None, ["data.crop_size=256", "data.min_size_test=512"])) == 2.0
+    assert tile_scale_from_config(load_config(None, ["data.crop_size=[200,1000]"])) == 1333 / 1000  # max_size
+    assert tile_scale_from_config(load_config(None, ["data.crop_size=[512,512]", "test.tile_scale=1"])) == 1.0
+    for bad in ("big", -1, 0):
+        with pytest.raises(ConfigError, match=r"test\.tile_scale must be 'auto' or a positive number"):
+            tile_scale_from_config(load_config(None, [f"test.tile_scale={bad}"]))
+    # a 1040-px frame of a model trained on 512-px crops: tiles of any size are seen at the crop's 800/512,
+    # not at min_size_test / tile_size (a 256-px tile would be blown up 3.1x) nor at the whole frame's 0.77x
+    model = FakeSegmenter()
+    cfg = load_config(None, ["data.crop_size=[512,512]", "test.tile_size=256", "test.tile_overlap=64"])
+    p = Predictor.from_config(model, cfg, progress=False, device="cpu")
+    assert p.tile_scale == 1.5625 and p.scale_of(1040, 1040) == (1.5625, 1.5625)
+    p(np.zeros((1040, 1040), np.uint8))
+    assert {c[1] for c in model.calls} == {(400, 400)}
+
+
+def test_tiles_shrunk_by_the_whole_image_factor_warn():
+    model = FakeSegmenter()
+    with pytest.warns(UserWarning, match=r"image of 2048x2048 px: its tiles are shrunk 2\.6x.*set "
+                                         r"test\.tile_scale to their factor"):
+        Predictor(model, tile_size=512, tile_overlap=64, progress=False, device="cpu")(np.zeros((2048, 2048), np.uint8))
+    assert {c[1] for c in model.calls} == {(200, 200)}  # 512 x 800 / 2048
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit scale is the user's choice: silent
+        Predictor(FakeSegmenter(), tile_size=512, tile_overlap=64, tile_scale=0.25, progress=False,
+                  device="cpu")(np.zeros((2048, 2048), np.uint8))
 
 
 def test_never_on_a_huge_image_raises_and_auto_tiles_it():
@@ -246,7 +330,7 @@ def test_4096_field_stays_sparse():
              for i in range(20) for j in range(20)]
     image = (draw(4096, 4096, rects) * 255).round().astype(np.uint8)
     predict = Predictor(FakeSegmenter(), 1024, 100000, device="cpu", tile_size=1024, tile_overlap=128,
-                        progress=False)
+                        tile_scale=1.0, progress=False)
     tracemalloc.start()
     try:
         out = predict(image)[0]
@@ -263,7 +347,8 @@ def test_options_are_validated_and_read_from_the_config():
                         ({"tile_size": 0}, "tile_size .*positive"),
                         ({"tile_overlap": 512}, "tile_overlap .*smaller than tile_size=512"),
                         ({"tile_overlap": -1}, "tile_overlap"), ({"merge_iou": 0}, "merge_iou"),
-                        ({"detections_per_tile": 0}, "detections_per_tile"), ({"batch_size": 0}, "batch_size")]:
+                        ({"detections_per_tile": 0}, "detections_per_tile"), ({"batch_size": 0}, "batch_size"),
+                        ({"tile_scale": 0}, r"tile_scale \(test\.tile_scale\)")]:
         with pytest.raises(ValueError, match=message):
             Predictor(model, device="cpu", **kw)
     cfg = load_config(None, ["test.tiling=never", "test.tile_size=256", "test.tile_overlap=32",

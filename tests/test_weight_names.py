@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +16,8 @@ import torch
 from gains.backbone import ResNetFPN
 from gains.checkpoint import CheckpointError, load_weights_for_finetune, read_checkpoint
 from gains.config import load_config
-from gains.weight_names import ConversionError, convert_detectron2_state_dict
+from gains.weight_names import (MSRA_INPUT, TORCHVISION_INPUT, ConversionError, WeightsInputError,
+                                convert_detectron2_state_dict, input_convention)
 from gains.model import build_model
 from test_evaluation import rect_dataset
 
@@ -95,9 +95,8 @@ def small_cfg(root, *overrides, base="configs/isbi_r50.yaml"):
 
 
 def quiet_build(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frozen BN without ImageNet weights
-        return build_model(cfg)
+    """The model of `cfg` without weights (frozen BN on purpose: every tensor comes from the test's file)."""
+    return build_model(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +195,54 @@ def test_msra_pkl_loads_into_the_backbone(tmp_path, caplog):
     for key, value in expected.items():
         assert torch.equal(backbone.body.state_dict()[key], value), key
     assert "fc1000_w" in caplog.text and "res2_0_branch2a_w_momentum" in caplog.text  # ignored by name
-    with pytest.warns(UserWarning, match="stride in the 1x1 conv"):
-        ResNetFPN(50, weights=str(path), stride_in_1x1=False)
+    assert backbone.weights_input == MSRA_INPUT
+    # the paper config fits the file; a config that feeds it RGB / a torchvision stride layout is refused
+    assert quiet_build(small_cfg(tmp_path, f"model.backbone.weights={path}")).backbone.weights_input == MSRA_INPUT
+    with pytest.raises(WeightsInputError, match=r"R-50\.pkl \(model\.backbone\.weights\) holds MSRA ImageNet "
+                                                r"weights.*set model\.input_format=BGR "
+                                                r"model\.backbone\.stride_in_1x1=true$"):
+        quiet_build(small_cfg(tmp_path, f"model.backbone.weights={path}", "model.input_format=RGB",
+                              "model.backbone.stride_in_1x1=false"))
     model = quiet_build(small_cfg(tmp_path))  # init_weights=R-50.pkl: the backbone loads, the heads are listed
     report = load_weights_for_finetune(model, path)
     assert len(report.loaded) == len(expected) and all(k.startswith("backbone.fpn") or not k.startswith(
         "backbone") for k in report.missing)
+    with pytest.raises(WeightsInputError, match=r"\(init_weights\) holds MSRA.*model\.pixel_std=\[1\.0,1\.0,1\.0\]"):
+        load_weights_for_finetune(quiet_build(small_cfg(tmp_path, "model.pixel_std=[57,57,57]")), path)
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(b"cos\nsystem\n(S'echo hi'\ntR.")
     with pytest.raises(CheckpointError, match="refusing to unpickle os.system"):
         read_checkpoint(evil)
+
+
+def test_input_convention_of_each_kind_of_file(gains_case):
+    """Which input a file's weights expect, from its names and top-level entries: detectron2 checkpoints
+    their saved pixel_mean / pixel_std (BGR, stride in the 1x1 conv), torchvision names and detectron2 files
+    converted from torchvision (`__author__: torchvision`) torchvision's, caffe2 names MSRA's, ours nothing."""
+    _, model, d2, _ = gains_case
+    saved = input_convention(d2)  # float32 buffers: MSRA's numbers to float32 rounding
+    assert saved.kind == "a detectron2 checkpoint" and saved.pixel_mean == pytest.approx(MSRA_INPUT.pixel_mean)
+    own = dict(d2, pixel_std=torch.tensor([57.375, 57.12, 58.395]).view(3, 1, 1))
+    assert input_convention(own).pixel_std == pytest.approx((57.375, 57.12, 58.395))
+    assert input_convention(own).input_format == "BGR" and input_convention(own).stride_in_1x1 is True
+    trunk = {k[len("backbone.bottom_up."):]: v for k, v in d2.items() if k.startswith("backbone.bottom_up.")}
+    assert input_convention(trunk) == MSRA_INPUT
+    assert input_convention(trunk, {"__author__": "torchvision"}).settings() == TORCHVISION_INPUT.settings()
+    assert input_convention({"conv1_w": 0, "res2_0_branch2a_w": 0}) == MSRA_INPUT
+    tv = {k[len("backbone.body."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.body.")}
+    assert input_convention(tv) == TORCHVISION_INPUT and input_convention(model.state_dict()) is None
+
+
+def test_torchvision_weights_converted_for_detectron2_expect_torchvision_input(tmp_path):
+    """detectron2's convert-torchvision-to-d2.py writes {'model': detectron2 trunk names, '__author__':
+    'torchvision'}: such a .pkl loads into the trunk and asks for the torchvision input keys."""
+    net = ResNetFPN(18, freeze_at=0).body
+    model = {d2_name("backbone.body." + k, plain=True)[len("backbone.bottom_up."):]: np.full(t.shape, 0.5, np.float32)
+             for k, t in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert "stem.conv1.weight" in model and "res3.0.shortcut.norm.running_var" in model
+    path = tmp_path / "R-18-torchvision.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": model, "__author__": "torchvision", "matching_heuristics": True}, f, protocol=2)
+    backbone = ResNetFPN(18, weights=str(path))
+    assert backbone.weights_input.settings() == TORCHVISION_INPUT.settings()
+    assert float(backbone.body.layer3[0].downsample[1].running_var[0]) == 0.5
