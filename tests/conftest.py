@@ -95,3 +95,23 @@ def restore_global_state():
     yield
     torch.use_deterministic_algorithms(det)
     restore_rng_state(rng)
+
+
+def bilinear_upsample_oracle(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Textbook bilinear interpolation with half-pixel centres (align_corners=False), edges clamped, by loops
+    over output rows and columns: float64 [C,H,W] -> [C,out_h,out_w]. For UPsampling only (no antialias
+    filter is needed there), as an oracle independent of torch's resize kernels."""
+    c, h, w = image.shape
+    out = np.empty((c, out_h, out_w))
+    for i in range(out_h):
+        y = min(max((i + 0.5) * h / out_h - 0.5, 0.0), h - 1)
+        y0 = int(np.floor(y))
+        y1, fy = min(y0 + 1, h - 1), y - y0
+        for j in range(out_w):
+            x = min(max((j + 0.5) * w / out_w - 0.5, 0.0), w - 1)
+            x0 = int(np.floor(x))
+            x1, fx = min(x0 + 1, w - 1), x - x0
+            top = image[:, y0, x0] * (1 - fx) + image[:, y0, x1] * fx
+            bottom = image[:, y1, x0] * (1 - fx) + image[:, y1, x1] * fx
+            out[:, i, j] = top * (1 - fy) + bottom * fy
+    return out

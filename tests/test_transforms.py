@@ -52,12 +52,17 @@ def test_joint_resize_and_flip_keep_maps_registered():
     assert masks_to_boxes(out_masks).tolist() == [[60 - 24, 10, 60 - 4, 30]]
 
 
-def test_test_transform_is_deterministic():
-    image = torch.rand(3, 30, 40)
+def test_test_transform_resizes_float_images_bilinearly():
+    """A float image upsampled 2x by the eval transform equals textbook bilinear interpolation (a loop oracle
+    in conftest, not torch's kernel); the transform is deterministic."""
+    from tests.conftest import bilinear_upsample_oracle
+    image = torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0))
     masks = torch.zeros((0, 30, 40), dtype=torch.uint8)
     a = EvalTransform(60, 1000)(image, masks)
     b = EvalTransform(60, 1000)(image, masks)
     assert a[0].shape == (3, 60, 80) and torch.equal(a[0], b[0]) and a[1].shape == (0, 60, 80)
+    expected = bilinear_upsample_oracle(image.double().numpy(), 60, 80)
+    assert np.abs(a[0].double().numpy() - expected).max() < 1e-5
 
 
 def test_boxes_move_as_the_pixels_do():
