@@ -115,15 +115,6 @@ def reduce_loss_dict(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, values.cpu().tolist()))
 
 
-def all_reduce_mean(value: float) -> float:
-    """Mean of one Python number over all ranks (e.g. timings)."""
-    if get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
-    return float(t.item()) / get_world_size()
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """One picklable object from every rank, in rank order (a one-element list with one process)."""
     if get_world_size() == 1:
@@ -132,11 +123,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     torch_dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s object on every rank (e.g. a decision only rank 0 can take)."""
-    if get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -71,12 +71,6 @@ def compute_image_crops(record: ImageRecord, params: GammParams) -> dict[int, Cr
     return {a.id: (tuple(int(v) for v in box), crop) for a, (box, crop) in zip(anns, crops)}
 
 
-def compute_image_maps(record: ImageRecord, params: GammParams) -> dict[int, np.ndarray]:
-    """All GA maps of one image, dense: {annotation id: float64 [H, W]}."""
-    return {a: crop_to_dense(c, record.height, record.width, np.float64)
-            for a, c in compute_image_crops(record, params).items()}
-
-
 def crop_to_dense(crop: Crop, height: int, width: int, dtype=np.float32) -> np.ndarray:
     """(box, values) -> [H, W] map: 1.0 everywhere, the values on the box."""
     (x0, y0, x1, y1), values = crop

@@ -225,7 +225,8 @@ def compute_ga_crops(masks, category_ids, boxes_xywh, *, variant, window_size, g
 def compute_ga_maps(masks, category_ids, boxes_xywh, *, variant, window_size, ga_factor, overlap_hl,
                     target_category_id) -> np.ndarray:
     """Dense GA maps: float64 [N, H, W], ``compute_ga_crops`` pasted on ones (same arguments; masks bool
-    [N, H, W] or CropMasks). N x H x W x 8 bytes: for small images, tests and the authors' file layout."""
+    [N, H, W] or CropMasks). N x H x W x 8 bytes: for small images, tests and benchmarks (the data path
+    uses the crops)."""
     crops = compute_ga_crops(masks, category_ids, boxes_xywh, variant=variant, window_size=window_size,
                              ga_factor=ga_factor, overlap_hl=overlap_hl, target_category_id=target_category_id)
     height, width = masks.image_size if isinstance(masks, CropMasks) else np.shape(masks)[1:]

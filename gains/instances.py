@@ -107,18 +107,6 @@ class CropMasks:
         return cls.from_rles([segmentation_to_rle(s, height, width) for s in segmentations], height, width)
 
     @classmethod
-    def from_label_image(cls, labels: np.ndarray) -> "CropMasks":
-        """Instance label image [H, W] (0 = background) -> one mask per positive label, in label order."""
-        labels = np.asarray(labels)
-        ids = np.unique(labels)
-        ids = ids[ids > 0]
-        boxes, crops = [], []
-        for i, sl in zip(ids.tolist(), _label_slices(labels, ids)):
-            boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
-            crops.append(labels[sl] == i)
-        return cls(np.array(boxes, np.int64).reshape(-1, 4), crops, labels.shape)
-
-    @classmethod
     def concatenate(cls, parts: list["CropMasks"], image_size=None) -> "CropMasks":
         if not parts:
             return cls.empty(image_size)
@@ -221,19 +209,6 @@ class CropMasks:
             region = out[y0:y1, x0:x1]
             region[self.crops[i]] = i + 1
         return out
-
-
-def _label_slices(labels: np.ndarray, ids: np.ndarray) -> list:
-    """Bounding slices of every label id in `ids` (sorted positive ints), in that order."""
-    from scipy import ndimage
-
-    if len(ids) == 0:
-        return []
-    dense_ids = np.zeros(labels.shape, dtype=np.int64)
-    pos = np.searchsorted(ids, labels)
-    hit = (pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == labels) & (labels > 0)
-    dense_ids[hit] = pos[hit] + 1
-    return ndimage.find_objects(dense_ids, max_label=len(ids))
 
 
 def _column_major_counts(crop: np.ndarray, x0: int, y0: int, h: int, w: int) -> list[int]:
