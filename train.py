@@ -2,6 +2,7 @@
 
     python train.py                      # = configs/quickstart.yaml: synthetic data, CPU (README: ~14 min, 2 cores)
     python train.py CONFIG [key=value ...] [--resume]
+    python train.py CONFIG [key=value ...] --print-config     # the resolved, checked config; nothing runs
     torchrun --nproc_per_node=2 train.py CONFIG [key=value ...] [--resume]
 
 `key=value` overrides any config key (`solver.base_lr=0.01 output_dir=runs/x`); `--resume` continues from
@@ -29,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--resume", action="store_true",
                         help="continue from output_dir/last_checkpoint (starts fresh when there is none)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, checked) as YAML and exit")
     args = parser.parse_intermixed_args(argv)
     if "=" in args.config and not args.config.endswith((".yaml", ".yml")):  # `train.py key=value` alone
         args.overrides.insert(0, args.config)
@@ -46,6 +49,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     from gains.engine import train  # here: the model stack loads after the arguments are checked
     try:
         train(cfg, resume=args.resume)

@@ -10,7 +10,8 @@ Values are type-checked against base.yaml, in config files and overrides alike: 
 base.yaml default (int; float, ints accepted; bool; str, numbers accepted as text; list, with the element
 type of the default when it is homogeneous). Keys that take more than one form, or whose default is null,
 declare their forms in `TYPES` below. A wrong type is one ConfigError line naming the key, the value and the
-expected type, e.g. `command-line override: solver.max_iter='abc' is not an integer (e.g. 20000)`.
+expected type, e.g. `command-line override: solver.max_iter='abc' is not an integer (e.g. 20000)`. Then the
+values: allowed choices, ranges and cross-key rules (gains/config_rules.py), again one line each.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any, Iterable
 import yaml
 
 from .atomic import write_text_atomic
+from .config_rules import check_rules
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -262,6 +264,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
 
     Returns a `Config`; raises `ConfigError` naming the offending key and file.
     """
+    overrides = list(overrides)
     schema = _read_yaml(BASE_CONFIG)
     schema.pop("_base_", None)
     cfg = copy.deepcopy(schema)
@@ -269,6 +272,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         _merge_into(cfg, _move_renamed_keys(_load_chain(Path(path)), str(path)), source=str(path), schema=schema)
     _merge_into(cfg, _move_renamed_keys(parse_overrides(overrides), "command-line override"),
                 source="command-line override", schema=schema)
+    try:
+        check_rules(cfg)  # allowed values and ranges (gains/config_rules.py), after the types
+    except ConfigError as e:
+        where = str(path) if path is not None else BASE_CONFIG.name
+        raise ConfigError(f"{where}{' + overrides' if overrides else ''}: {e}") from None
     return _wrap(cfg)
 
 

@@ -15,7 +15,7 @@ import pytest
 GAINS = Path(__file__).resolve().parent.parent / "gains"
 
 LAYERS = {
-    "utilities": ["errors", "atomic", "cli_errors", "config", "dist", "rng", "devices", "precision", "mask_runs",
+    "utilities": ["errors", "atomic", "cli_errors", "config_rules", "config", "dist", "rng", "devices", "precision", "mask_runs",
                   "sparse_maps", "weights_io", "weight_names", "visualize"],
     "data": ["imageio", "annotations", "instances", "transforms", "gamm_windows", "gamm", "ga_store",
              "ga_manifest", "synthetic", "field_layout", "synthetic_field", "mask_polygons", "dataset_converters",
