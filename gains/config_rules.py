@@ -64,7 +64,7 @@ RULES: dict[str, Any] = {
     "gamm.ga_factor": NON_NEGATIVE,
     "gamm.overlap_hl": NON_NEGATIVE,
     "solver.ims_per_batch": AT_LEAST_ONE,
-    "solver.base_lr": POSITIVE,
+    "solver.base_lr": NON_NEGATIVE,             # 0 freezes the weights (tests, evaluation-only runs)
     "solver.momentum": (0, 1, False, True),
     "solver.weight_decay": NON_NEGATIVE,
     "solver.weight_decay_norm": NON_NEGATIVE,
