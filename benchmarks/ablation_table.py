@@ -29,6 +29,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gains.annotations import segmentation_to_rle  # noqa: E402
 from gains.atomic import write_text_atomic  # noqa: E402
 from gains.config import load_config  # noqa: E402
 from gains.cto import stratified_metrics  # noqa: E402
@@ -49,14 +50,7 @@ def _decode(segmentations, h: int, w: int) -> np.ndarray:
     """bool [N, H, W] from COCO segmentations (RLE or polygons)."""
     if not segmentations:
         return np.zeros((0, h, w), bool)
-    rles = []
-    for s in segmentations:
-        if isinstance(s, list):
-            rles.append(mask_utils.merge(mask_utils.frPyObjects(s, h, w)))
-        elif isinstance(s.get("counts"), list):
-            rles.append(mask_utils.frPyObjects(s, h, w))
-        else:
-            rles.append(s)
+    rles = [segmentation_to_rle(s, h, w) for s in segmentations]
     return np.moveaxis(mask_utils.decode(rles), -1, 0).astype(bool)
 
 
