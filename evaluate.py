@@ -131,12 +131,14 @@ def run_model(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))  # known before the process group exists
+    finished = False  # every rank got through: leave the group together (a barrier), else just leave
     try:
         if args.gt:
             score_file(args)
         else:
             dist.init_distributed()
             run_model(args)
+        finished = True
     except ConfigError as e:
         if rank == 0:
             print(f"evaluate.py: error: {e}", file=sys.stderr)
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
             print(f"evaluate.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        dist.destroy_distributed()
+        dist.destroy_distributed(synchronize=finished)
     return 0
 
 

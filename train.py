@@ -1,6 +1,6 @@
 """Train GAInS / Mask R-CNN.
 
-    python train.py                      # = configs/quickstart.yaml: synthetic data, CPU (README: ~14 min, 2 cores)
+    python train.py                      # = configs/quickstart.yaml: synthetic data, CPU (9-14 min on 2 cores)
     python train.py CONFIG [key=value ...] [--resume]
     python train.py CONFIG [key=value ...] --print-config     # the resolved, checked config; nothing runs
     torchrun --nproc_per_node=2 train.py CONFIG [key=value ...] [--resume]
@@ -54,15 +54,17 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from gains.engine import train  # here: the model stack loads after the arguments are checked
+    finished = False  # every rank got through: leave the group together (a barrier), else just leave
     try:
         train(cfg, resume=args.resume)
+        finished = True
     except (ConfigError, CheckpointError, DataError, EvaluationError, FloatingPointError) as e:
         # Errors whose message says what to fix: print it without a traceback.
         if rank == 0:
             print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
-        dist.destroy_distributed()
+        dist.destroy_distributed(synchronize=finished)
     return 0
 
 

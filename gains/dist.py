@@ -8,6 +8,7 @@ single-process answer: rank 0 of 1, `barrier()` is a no-op, reductions return th
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
+        _bind_group_defaults_before_init()
         torch_dist.init_process_group(backend=backend, init_method="env://")
     if not is_initialized():
         return DistInfo(rank=0, world_size=1, local_rank=0, backend=None, initialized=False)
@@ -75,10 +77,41 @@ def init_distributed(backend: str | None = None) -> DistInfo:
                     backend=torch_dist.get_backend(), initialized=True)
 
 
-def destroy_distributed() -> None:
-    """Leave the process group (end of train.py); a no-op for single-process runs."""
-    if is_initialized():
-        torch_dist.destroy_process_group()
+def _bind_group_defaults_before_init() -> None:
+    """Import torch.distributed.nn.functional while no process group exists.
+
+    Its ten collectives are declared `def broadcast(tensor, src, group=group.WORLD)`: the default is evaluated
+    at import, so a first import *after* init_process_group (torchvision imports it through torch._dynamo;
+    evaluate.py imports the model stack after joining the group) stores the live WORLD group in ten
+    `__defaults__` tuples for the life of the interpreter. destroy_process_group() then only unregisters it:
+    the C++ ProcessGroupGloo is never freed, and its threads (gloo_tcp_loop, two pt_gloo_runloop) run on
+    through interpreter finalisation and the C++ static destructors of exit(), until exit_group() kills
+    them (issue 20: rank 1 aborted at exit with 'terminate called without an active exception'). Imported
+    here first, the defaults are None and destroy_distributed() really stops those threads.
+    """
+    import torch.distributed.nn.functional  # noqa: F401  (for its import-time defaults, see above)
+
+
+def destroy_distributed(synchronize: bool = False) -> None:
+    """Leave the process group at the end of train.py / evaluate.py; a no-op for single-process runs.
+
+    synchronize: first wait (barrier) until every rank has got here, so that no rank tears its connections
+    down while a peer still has a collective in flight or still reaches the store (rank 0 hosts it when the
+    job is started without torchrun's agent). Only for a rank that finished normally (the CLIs pass True
+    then): a failed rank cannot know which collective its peers are in, and torchrun stops them when it
+    exits non-zero. A barrier that fails (a peer died) is reported as a warning and the group is destroyed
+    all the same. Afterwards the backend's threads are gone (see _bind_group_defaults_before_init): the
+    interpreter exits with no C++ thread of the process group still running.
+    """
+    if not is_initialized():
+        return
+    if synchronize and get_world_size() > 1:
+        try:
+            barrier()
+        except RuntimeError as e:  # gloo/NCCL report a vanished peer as RuntimeError (DistBackendError)
+            warnings.warn(f"rank {get_rank()}: the barrier before leaving the process group failed ({e}); "
+                          f"leaving anyway", RuntimeWarning, stacklevel=2)
+    torch_dist.destroy_process_group()
 
 
 def barrier() -> None:
