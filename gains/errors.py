@@ -11,7 +11,8 @@ class ConfigError(ValueError):
 
 
 class DataError(ValueError):
-    """Invalid data set input; the message names the file / image id / annotation id and the fix."""
+    """Invalid input data (data set, ground-truth or results json, image, map file); the message names the
+    file / image id / annotation id / result index and the fix."""
 
 
 class CheckpointError(RuntimeError):
@@ -19,4 +20,6 @@ class CheckpointError(RuntimeError):
 
 
 class EvaluationError(ValueError):
-    """Invalid evaluation input (results or ground truth); the message names the ids and the fix."""
+    """An evaluation setting that does not fit (aji_mode, max_dets, a split whose categories differ from the
+    checkpoint's); the message names the key and the fix. Malformed ground-truth or results files are a
+    DataError (gains.annotations.check_coco_gt / check_coco_results), whichever entry point reads them."""

@@ -8,7 +8,7 @@ Two entry points:
 - `evaluate_results(gt, results)`: score an existing COCO results list against a COCO ground-truth dict
   (`evaluate.py --gt --pred`), no model involved.
 
-The metrics, their table and metrics.json come from gains.scoring (METRICS.md), all on per-instance masks
+The metrics, their table and metrics.json come from gains.scoring (gains/METRICS.md), all on per-instance masks
 at the ORIGINAL image resolution. Categories are the json's ids; an average is the mean over categories
 that have ground truth. For ISBI2014-like data (one category named like 'cell', one like 'nucle...') the
 paper's "Cell/Nuclei average" is added: the plain mean of the two category rows. Images are streamed: each image's masks are reduced to
@@ -35,7 +35,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from . import dist
-from .annotations import (CategoryMap, DataError, ImageRecord, check_segmentation, is_finite_number,
+from .annotations import (CategoryMap, DataError, ImageRecord, check_coco_gt, check_coco_results, coco_box,
                           segmentation_to_rle)
 from .checkpoint import unwrap_model
 from .data import build_dataset
@@ -213,92 +213,13 @@ def _save_label_panels(pred: dict, record: ImageRecord, cfg, vis_thresh: float, 
 
 
 # ----------------------------------------------------------------------------------------------- results files
-def _check_gt(gt: dict, where: str = "ground truth") -> tuple[dict, list[int], list[str]]:
-    """Validate a COCO ground-truth dict: ({image_id: image}, category ids, names)."""
-    for key in ("images", "categories"):
-        if not isinstance(gt.get(key), list):
-            raise EvaluationError(f"{where}: missing '{key}' list; a COCO instances file needs 'images', "
-                                  "'annotations' and 'categories'")
-    images = {}
-    for im in gt["images"]:
-        if im.get("id") in images:
-            raise EvaluationError(f"{where}: image id {im.get('id')} appears twice in 'images'")
-        if "height" not in im or "width" not in im:
-            raise EvaluationError(f"{where}: image {im.get('id')} lacks 'height'/'width'")
-        images[im.get("id")] = im
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
-    ids = [c["id"] for c in cats]
-    if len(set(ids)) != len(ids):
-        raise EvaluationError(f"{where}: duplicate category ids {ids}")
-    seen = set()
-    for n, a in enumerate(gt.get("annotations", [])):
-        ann_id = a.get("id")
-        if not isinstance(ann_id, int) or ann_id < 1:
-            raise EvaluationError(f"{where}: annotation #{n} (image {a.get('image_id')}) has id {ann_id!r}; "
-                                  "annotation ids must be integers >= 1 (COCO tools read id 0 as "
-                                  "'unmatched'); renumber them 1..N")
-        if ann_id in seen:
-            raise EvaluationError(f"{where}: annotation id {ann_id} is used twice; ids must be unique")
-        seen.add(ann_id)
-        if a.get("image_id") not in images or a.get("category_id") not in ids:
-            raise EvaluationError(f"{where}: annotation {ann_id} refers to image {a.get('image_id')} / category "
-                                  f"{a.get('category_id')}, not listed in 'images' / 'categories'")
-    return images, ids, [str(c.get("name", c["id"])) for c in cats]
-
-
-def _check_results(results, images: dict, cat_ids: list[int], where: str = "results") -> None:
-    """Validate a COCO results list; errors name `where` (the file), the image id and the fix."""
-    if not isinstance(results, list):
-        raise EvaluationError(f"{where}: the top level is a {type(results).__name__}, not a list; COCO results "
-                              "are a json list of {image_id, category_id, score, segmentation} (as written by "
-                              "evaluate.py / detectron2's COCOEvaluator)")
-    for n, r in enumerate(results):
-        if not isinstance(r, dict) or not {"image_id", "category_id", "score", "segmentation"} <= set(r):
-            raise EvaluationError(f"{where}: result #{n} lacks image_id, category_id, score or segmentation; "
-                                  "write COCO segm results (RLE masks)")
-        image_id = r["image_id"]
-        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
-            raise EvaluationError(f"{where}: result #{n} has image_id {image_id!r}; use the ground truth's "
-                                  "image ids")
-        if not isinstance(r["category_id"], (int, str)) or isinstance(r["category_id"], bool):
-            raise EvaluationError(f"{where}: a result for image id {image_id} has category_id "
-                                  f"{r['category_id']!r}; use the ground truth's json category ids")
-        score = r["score"]
-        if not is_finite_number(score):
-            raise EvaluationError(f"{where}: a result for image id {image_id} (category {r['category_id']}) "
-                                  f"has score {score!r}; scores must be finite numbers — fix or drop that "
-                                  "detection where the results are written")
-        if not isinstance(r["segmentation"], (dict, list)):
-            raise EvaluationError(f"{where}: a result for image id {image_id} has a "
-                                  f"{type(r['segmentation']).__name__} segmentation; write an RLE dict "
-                                  "{size: [H, W], counts: ...} (or polygons)")
-        box = r.get("bbox")
-        if box is not None and not (isinstance(box, list) and len(box) == 4
-                                    and all(is_finite_number(v) for v in box)):
-            raise EvaluationError(f"{where}: a result for image id {image_id} has bbox {box!r}; a bbox is 4 "
-                                  "finite numbers [x, y, width, height] (or leave it out)")
-    bad = sorted({r["image_id"] for r in results} - set(images), key=str)
-    if bad:
-        raise EvaluationError(f"{where}: results refer to image ids {bad[:20]} that are not in the ground truth; "
-                              "score them against the annotation file the predictions were made for")
-    bad = sorted({r["category_id"] for r in results} - set(cat_ids), key=str)
-    if bad:
-        raise EvaluationError(f"{where}: results use category ids {bad[:20]} that the ground truth does not "
-                              f"declare ({cat_ids[:20]}); write the dataset's json category ids, not contiguous "
-                              "labels")
-
-
 def _rle(segm, h: int, w: int, what: str) -> dict:
-    """A validated segmentation (polygons or RLE) of an h x w image -> one COCO RLE; EvaluationError naming
-    `what` if it is malformed."""
-    try:  # finite, in-image polygons; RLE runs non-negative and summing to h * w (so runs_from_rles accepts it)
-        check_segmentation(segm, h, w, what)
-    except DataError as e:
-        raise EvaluationError(str(e)) from None
+    """A segmentation validated by check_coco_gt / check_coco_results -> one COCO RLE; DataError naming `what`
+    if pycocotools still cannot read it."""
     try:
         return segmentation_to_rle(segm, h, w)
     except Exception as e:  # noqa: BLE001 - pycocotools raises assorted types for malformed input
-        raise EvaluationError(f"{what}: cannot decode the segmentation ({type(e).__name__}: {e})") from None
+        raise DataError(f"{what}: cannot decode the segmentation ({type(e).__name__}: {e})") from None
 
 
 def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", score_thresh: float | None = None,
@@ -312,28 +233,29 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
     `score_thresh`: drop results below it first (None: score them all). `max_dets`: every metric scores the
     top max_dets results per image and category (None: all; 100 = the authors' evaluator). Returns the
     `summarize` dict; mask AP equals pycocotools COCOeval(iouType='segm') with maxDets = its
-    `coco_max_dets` on the same files. `gt_name` / `results_name` (the files) start the EvaluationError
-    messages about either input.
+    `coco_max_dets` on the same files. Malformed input of either kind is a DataError from
+    `annotations.check_coco_gt` / `check_coco_results`, its message starting with `gt_name` / `results_name`
+    (the files).
     """
     max_dets = check_max_dets(max_dets, "max_dets (evaluate.py --max-dets)")
-    images, cat_ids, names = _check_gt(gt, gt_name)
-    _check_results(results, images, cat_ids, results_name)
+    truth = check_coco_gt(gt, gt_name, geometry="segmentation")
+    check_coco_results(results, truth, results_name)
+    images, anns = truth.images, truth.annotations
+    cat_ids, names = list(truth.categories.json_ids), list(truth.categories.names)
     if score_thresh is not None:
         results = [r for r in results if r["score"] >= score_thresh]
-    anns = {i: [] for i in images}
     dets = {i: [] for i in images}
-    for a in gt.get("annotations", []):
-        anns[a["image_id"]].append(a)
     for r in results:
-        dets[r["image_id"]].append(r)
-    with_boxes = all("bbox" in r for r in results)
+        dets[int(r["image_id"])].append(r)
+    with_boxes = all(r.get("bbox") is not None for r in results)
     acc = MetricAccumulator()
     for n, image_id in enumerate(sorted(images)):
-        h, w, ga, dr = int(images[image_id]["height"]), int(images[image_id]["width"]), anns[image_id], dets[image_id]
+        (h, w), ga, dr = truth.size(image_id), anns[image_id], dets[image_id]
         # RLEs -> runs, never [N, H, W]: a 2k x 2k field with 2,000 nuclei would be 8 GB per side dense
-        gr = [_rle(a["segmentation"], h, w, f"{gt_name}: annotation {a['id']} (image id {image_id})") for a in ga]
+        gr = [_rle(a["segmentation"], h, w, f"{gt_name}: annotation id {a['id']} (image {image_id})") for a in ga]
         dr_rles = [_rle(r["segmentation"], h, w, f"{results_name}: a result for image id {image_id}") for r in dr]
-        gb = [a["bbox"] if "bbox" in a else mask_utils.toBbox(rle).tolist() for a, rle in zip(ga, gr)]
+        gb = [box if (box := coco_box(a.get("bbox"))) is not None else mask_utils.toBbox(rle).tolist()
+              for a, rle in zip(ga, gr)]
         acc.add({"image_id": n, "labels": [a["category_id"] for a in ga], "masks": runs_from_rles(gr, h, w),
                  "iscrowd": [bool(a.get("iscrowd", 0)) for a in ga],
                  "areas": [a["area"] if a.get("area") is not None else float(mask_utils.area(rle))
@@ -341,9 +263,9 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
                  "boxes_xywh": np.array(gb, np.float64).reshape(-1, 4)},
                 {"labels": [r["category_id"] for r in dr], "scores": [r["score"] for r in dr],
                  "masks": dr_rles,
-                 "boxes_xywh": np.array([r.get("bbox", [0, 0, 0, 0]) for r in dr], np.float64).reshape(-1, 4)})
+                 "boxes_xywh": np.array([r.get("bbox") or [0, 0, 0, 0] for r in dr], np.float64).reshape(-1, 4)})
     # Images were added under their position in sorted-id order, so score ties across images resolve as in
-    # pycocotools (which sorts image ids) even for non-integer ids.
+    # pycocotools (which sorts image ids).
     raw = acc.compute(cat_ids, aji_mode, with_boxes, max_dets, {n: i for n, i in enumerate(sorted(images))})
     return summarize(raw, cat_ids, names, split=split,
                      num_images=len(images), num_detections=len(results), score_thresh=score_thresh,

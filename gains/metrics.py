@@ -1,4 +1,4 @@
-"""Metrics of the GAInS tables: native COCO AP (segm/bbox) and the AJI family (METRICS.md).
+"""Metrics of the GAInS tables: native COCO AP (segm/bbox) and the AJI family (gains/METRICS.md).
 
 Entry points:
 - `coco_evaluate(gt, results)`: COCO dataset dict + COCO results list -> the pycocotools COCOeval numbers.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .annotations import check_coco_gt, check_coco_results, polygon_list
 from .aji import (AJI_MODES, aji, aji_from_overlaps, aji_gains_image, aji_image, aji_kumar,  # noqa: F401
                   aji_kumar_image, aji_plus, aji_plus_image, greedy_aji_matches, range_ignore)
 from .average_precision import (AREA_NAMES, AREA_RANGES, IOU_THRESHOLDS, RECALL_THRESHOLDS, STAT_NAMES,  # noqa: F401
@@ -37,31 +38,23 @@ def instance_metrics(gt_per_image, det_per_image, category_ids, aji_mode: str = 
 
 
 # ----------------------------------------------------------------------------------------- COCO json
-def _rles(segm, h: int, w: int, where: str) -> list:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> RLEs whose union is the mask
-    (one per polygon part)."""
+def _rles(segm, h: int, w: int) -> list:
+    """A validated COCO segmentation (polygons, uncompressed or compressed RLE) -> RLEs whose union is the
+    mask (one per polygon part)."""
     from pycocotools import mask as mask_utils
 
-    try:
-        if isinstance(segm, list) and segm and all(isinstance(p, (list, tuple)) for p in segm):
-            return mask_utils.frPyObjects([list(map(float, p)) for p in segm], h, w)
-        if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-            if list(segm["size"]) != [h, w]:
-                raise ValueError(f"RLE size {list(segm['size'])} differs from the image size {[h, w]}")
-            return [segm]  # compressed or uncompressed: `runs_from_rles` reads both
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    raise ValueError(f"{where}: 'segmentation' must be a non-empty list of polygons or an RLE dict "
-                     "with 'size' and 'counts'")
+    if isinstance(segm, dict):
+        return [segm]  # compressed or uncompressed: `runs_from_rles` reads both
+    return mask_utils.frPyObjects([list(map(float, p)) for p in polygon_list(segm)], h, w)
 
 
-def _mask_runs(segms: list, h: int, w: int, where: list[str]) -> MaskRuns:
+def _mask_runs(segms: list, h: int, w: int) -> MaskRuns:
     """Segmentations of one image -> MaskRuns; multi-part polygons are merged by decoding them."""
     from pycocotools import mask as mask_utils
 
     rles = []
-    for segm, wh in zip(segms, where):
-        parts = _rles(segm, h, w, wh)
+    for segm in segms:
+        parts = _rles(segm, h, w)
         if len(parts) > 1:  # the union of polygon parts, re-encoded as one RLE
             union = mask_utils.decode(parts).any(axis=2)
             parts = [mask_utils.encode(np.asfortranarray(union.astype(np.uint8)))]
@@ -69,68 +62,24 @@ def _mask_runs(segms: list, h: int, w: int, where: list[str]) -> MaskRuns:
     return runs_from_rles(rles, h, w)
 
 
-def _check_ids(gt: dict):
-    """Validate the ground-truth dict; returns ({image_id: image}, sorted category ids)."""
-    images = {}
-    for im in gt.get("images", []):
-        if im["id"] in images:
-            raise ValueError(f"ground truth: image id {im['id']} appears twice in 'images'")
-        images[im["id"]] = im
-    cats = [c["id"] for c in gt.get("categories", [])]
-    if len(set(cats)) != len(cats):
-        raise ValueError("ground truth: duplicate category ids in 'categories'")
-    seen = set()
-    for n, a in enumerate(gt.get("annotations", [])):
-        ann_id = a.get("id")
-        if ann_id is None or ann_id < 1:
-            raise ValueError(f"ground truth: annotation #{n} has id {ann_id!r}; annotation ids must be >= 1 "
-                             "(pycocotools treats id 0 as 'unmatched'); renumber them 1..N")
-        if ann_id in seen:
-            raise ValueError(f"ground truth: annotation id {ann_id} is used twice; ids must be unique")
-        seen.add(ann_id)
-        if a["image_id"] not in images or a["category_id"] not in set(cats):
-            raise ValueError(f"ground truth: annotation {ann_id} refers to image {a['image_id']} / category "
-                             f"{a['category_id']}, not listed in 'images' / 'categories'")
-    return images, sorted(set(cats))
-
-
-def _check_results(results: list, images: dict, cats: list, iou_type: str):
-    bad_images = sorted({r["image_id"] for r in results} - set(images))
-    if bad_images:
-        raise ValueError(f"results refer to image ids {bad_images[:20]} that are not in the ground truth; "
-                         "evaluate against the annotation file the predictions were made for")
-    bad_cats = sorted({r["category_id"] for r in results} - set(cats))
-    if bad_cats:
-        raise ValueError(f"results use category ids {bad_cats[:20]} that are not in the ground truth "
-                         f"{cats[:20]}; map the model's contiguous labels back to the dataset's category ids")
-    key = "segmentation" if iou_type == "segm" else "bbox"
-    missing = [n for n, r in enumerate(results) if key not in r or "score" not in r]
-    if missing:
-        raise ValueError(f"results #{missing[:10]} lack '{key}' or 'score', needed for iou_type {iou_type!r}")
-
-
-def _coco_images(gt: dict, results: list, iou_type: str):
-    images, cats = _check_ids(gt)
-    _check_results(results, images, cats, iou_type)
-    anns = {i: [] for i in images}
-    dets = {i: [] for i in images}
-    for a in gt.get("annotations", []):
-        anns[a["image_id"]].append(a)
+def _coco_images(gt: dict, results: list, iou_type: str, gt_name: str, results_name: str):
+    """Validate both inputs (annotations.check_coco_gt / check_coco_results: one rule and one DataError per
+    malformed input, shared with evaluation.evaluate_results and load_coco) -> (ImageInstances per image,
+    sorted category ids)."""
+    geometry = "segmentation" if iou_type == "segm" else "bbox"
+    truth = check_coco_gt(gt, gt_name, geometry=geometry)
+    check_coco_results(results, truth, results_name, geometry=geometry)
+    dets = {i: [] for i in truth.images}
     for r in results:  # results order decides score ties, as in pycocotools
-        dets[r["image_id"]].append(r)
+        dets[int(r["image_id"])].append(r)
     out = []
-    for i in sorted(images):
-        h, w = int(images[i]["height"]), int(images[i]["width"])
-        ga, dr = anns[i], dets[i]
+    for i in sorted(truth.images):
+        (h, w), ga, dr = truth.size(i), truth.annotations[i], dets[i]
         gm = dm = gb = db = None
         if iou_type == "segm":
-            gm = _mask_runs([a["segmentation"] for a in ga], h, w, [f"annotation {a['id']}" for a in ga])
-            dm = _mask_runs([r["segmentation"] for r in dr], h, w, [f"result for image {i}"] * len(dr))
+            gm = _mask_runs([a["segmentation"] for a in ga], h, w)
+            dm = _mask_runs([r["segmentation"] for r in dr], h, w)
         else:
-            missing = [a["id"] for a in ga if len(a.get("bbox") or []) != 4]
-            if missing:
-                raise ValueError(f"ground truth: annotations {missing[:10]} need a 'bbox' [x, y, w, h] for "
-                                 "iou_type 'bbox'")
             gb = np.array([a["bbox"] for a in ga], dtype=np.float64).reshape(-1, 4)
             db = np.array([r["bbox"] for r in dr], dtype=np.float64).reshape(-1, 4)
         areas = [a.get("area") for a in ga]
@@ -143,10 +92,11 @@ def _coco_images(gt: dict, results: list, iou_type: str):
             np.array(areas, dtype=np.float64).reshape(-1), gm, gb,
             np.array([r["category_id"] for r in dr], dtype=np.int64).reshape(-1),
             np.array([r["score"] for r in dr], dtype=np.float64).reshape(-1), dm, db))
-    return out, cats
+    return out, list(truth.categories.json_ids)
 
 
-def coco_evaluate(gt: dict, results: list[dict], iou_type: str = "segm", max_dets=(1, 10, 100)) -> dict:
+def coco_evaluate(gt: dict, results: list[dict], iou_type: str = "segm", max_dets=(1, 10, 100), *,
+                  gt_name: str = "ground truth", results_name: str = "results") -> dict:
     """COCO AP of `results` against the COCO dataset dict `gt`, equal to pycocotools COCOeval.
 
     gt: {"images": [{id, height, width}], "categories": [{id}], "annotations": [{id >= 1, image_id,
@@ -154,9 +104,11 @@ def coco_evaluate(gt: dict, results: list[dict], iou_type: str = "segm", max_det
     area (area ranges only; if absent: mask pixel count, or box w*h for box-only annotations)}]}.
     results: [{image_id, category_id, score, segmentation RLE (segm) and/or bbox xywh (bbox)}]; a 'bbox'
     in segm results is ignored (detection area = mask area, as detectron2 does). An empty list gives AP 0
-    where pycocotools' loadRes would crash. Returns the dict of `coco_ap.evaluate_instances`.
+    where pycocotools' loadRes would crash. Returns the dict of `coco_ap.evaluate_instances`. Malformed input
+    of either kind is a DataError from `annotations.check_coco_gt` / `check_coco_results` (the rules and
+    messages of evaluation.evaluate_results), starting with `gt_name` / `results_name`.
     """
     if iou_type not in ("segm", "bbox"):
         raise ValueError(f"iou_type must be 'segm' or 'bbox', got {iou_type!r}")
-    images, cats = _coco_images(gt, results, iou_type)
+    images, cats = _coco_images(gt, results, iou_type, gt_name, results_name)
     return evaluate_images(images, cats, iou_type, max_dets)

@@ -1,8 +1,9 @@
-"""Issue 11: every bad input ends in one clear line naming the culprit and the fix (DESIGN.md §5.2).
+"""Issue 11: every bad input ends in one clear line naming the culprit and the fix (gains/README.md, Habits).
 
 One section per class of input: coordinates, COCO top-level keys, RLE, stale GA map files, corrupt and
-truncated images, config value types, weights / checkpoint files, results files. Each test failed before
-the fix (a crash, a silent success, or a bare traceback without the id).
+truncated images, config value types, weights / checkpoint files, results files, and (issue 21 item 4) one
+validator per kind of COCO file: the same DataError and message from every entry point. Each test failed
+before the fix (a crash, a silent success, or a bare traceback without the id).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from conftest import ROOT, load_script, square, uncompressed_rle, write_coco, wr
 from gains.checkpoint import CheckpointError, load_weights_for_finetune, read_checkpoint
 from gains.annotations import DataError, check_segmentation, coordinate_tolerance, load_coco
 from gains.config import BASE_CONFIG, TYPES, ConfigError, load_config
-from gains.evaluation import EvaluationError, evaluate_results
+from gains.evaluation import evaluate_results
+from gains.metrics import coco_evaluate
 
 sys.path.insert(0, str(ROOT))
 import preprocess  # noqa: E402
@@ -85,7 +87,7 @@ def test_gamm_and_gt_scoring_refuse_non_finite_polygons():
         gamm_mask_crops([[[1.0, 1.0, float("nan"), 5.0, 5.0, 5.0]]], 30, 40)
     gt = {"images": [dict(IMG)], "categories": [{"id": 1, "name": "c"}],
           "annotations": [ann(1, seg=[[1.0, 1.0, float("nan"), 5.0, 5.0, 5.0]])]}
-    with pytest.raises(EvaluationError, match=r"gt.json: annotation 1 \(image id 7\): polygon #0 has non-finite"):
+    with pytest.raises(DataError, match=r"gt.json: annotation id 1 \(image 7\): polygon #0 has non-finite"):
         evaluate_results(gt, [], gt_name="gt.json")
 
 
@@ -427,7 +429,7 @@ def _gt_and_result():
 @pytest.mark.parametrize("score", [float("nan"), float("inf"), "high", None])
 def test_bad_score_names_the_image_id(score):
     gt, ok = _gt_and_result()
-    with pytest.raises(EvaluationError, match=r"res.json: a result for image id 7 \(category 1\) has score"):
+    with pytest.raises(DataError, match=r"res.json: result #1 \(image id 7, category 1\) has score"):
         evaluate_results(gt, [ok, {**ok, "score": score}], results_name="res.json")
 
 
@@ -437,9 +439,139 @@ def test_results_file_that_is_not_a_list_is_named(tmp_path, capsys):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     pred = tmp_path / "pred.json"
     for content, message in [({"annotations": [ok]}, f"{pred}: the top level is a dict, not a list"),
-                             ([{**ok, "score": float("nan")}], f"{pred}: a result for image id 7 (category 1) "
+                             ([{**ok, "score": float("nan")}], f"{pred}: result #0 (image id 7, category 1) "
                                                                "has score nan")]:
         pred.write_text(json.dumps(content))
         assert evaluate_cli.main(["--gt", str(tmp_path / "gt.json"), "--pred", str(pred)]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------- one validator
+# Issue 21 item 4: a malformed ground truth or results list gets the same DataError and message whichever entry
+# point reads it (load_coco for training, evaluation.evaluate_results, metrics.coco_evaluate): one code path.
+def _json_rle(h: int, w: int) -> dict:
+    """A compressed RLE of an h x w mask as json holds it (string counts)."""
+    return {"size": [h, w], "counts": _rle(h, w)[1]["counts"].decode()}
+
+
+def _drop(d: dict, key: str) -> None:
+    del d[key]
+
+
+GT_CASES = {  # name -> (mutation of a valid ground truth, what the message must say)
+    "not a mapping": (lambda gt: [gt], r"the top level is a list, not a COCO instances mapping"),
+    "no annotations key": (lambda gt: _drop(gt, "annotations"), r"missing top-level 'annotations'"),
+    "images not a list": (lambda gt: gt.update(images={"7": IMG}), r"top-level 'images' is a dict, not a list"),
+    "no category": (lambda gt: gt.update(categories=[]), r"'categories' is empty"),
+    "duplicate category id": (lambda gt: gt["categories"].append({"id": 1, "name": "d"}),
+                              r"duplicate category ids \(1, 1\); category ids must be unique"),
+    "string image id": (lambda gt: gt["images"][0].update(id="7"), r"image #0 \('a.png'\) id is '7', not a"),
+    "duplicate image id": (lambda gt: gt["images"].append(dict(IMG)), r"duplicate image id 7; image ids must be"),
+    "no height": (lambda gt: _drop(gt["images"][0], "height"), r"image id 7 height is None, not a \(64-bit\) integer"),
+    "zero width": (lambda gt: gt["images"][0].update(width=0), r"image id 7 is 30x0 \(HxW\) in the json"),
+    "annotation id 0": (lambda gt: gt["annotations"][0].update(id=0),
+                        r"annotation #0 \(image 7\) has id 0; annotation ids must be integers >= 1"),
+    "no annotation id": (lambda gt: _drop(gt["annotations"][0], "id"), r"annotation #0 \(image 7\) has id None"),
+    "duplicate annotation id": (lambda gt: gt["annotations"].append(ann(1)), r"duplicate annotation id 1"),
+    "unknown image": (lambda gt: gt["annotations"][0].update(image_id=8),
+                      r"annotation id 1 refers to image id 8, which is not in 'images'"),
+    "unknown category": (lambda gt: gt["annotations"][0].update(category_id=2),
+                         r"annotation id 1 has category_id 2, not among the declared categories \[1\]"),
+    "iscrowd 2": (lambda gt: gt["annotations"][0].update(iscrowd=2), r"annotation id 1 \(image 7\): iscrowd is 2"),
+    "negative area": (lambda gt: gt["annotations"][0].update(area=-1), r"annotation id 1 \(image 7\): area is -1"),
+    "bbox outside": (lambda gt: gt["annotations"][0].update(bbox=[30, 0, 20, 5]),
+                     r"annotation id 1 \(image 7\): bbox \[30, 0, 20, 5\] \(xywh\) lies outside"),
+    "NaN polygon": (lambda gt: gt["annotations"][0].update(segmentation=[[1.0, 1.0, float("nan"), 5.0, 5.0, 5.0]]),
+                    r"annotation id 1 \(image 7\): polygon #0 has non-finite coordinates"),
+    "RLE of another size": (lambda gt: gt["annotations"][0].update(segmentation=_json_rle(20, 20)),
+                            r"annotation id 1 \(image 7\): RLE size \[20, 20\] differs from the image size"),
+}
+
+
+def _message(call) -> str:
+    """The DataError message of call(); any other outcome fails the test."""
+    with pytest.raises(DataError) as err:
+        call()
+    assert type(err.value) is DataError, type(err.value)
+    return str(err.value)
+
+
+def _ground_truth(tmp_path):
+    """A valid ground truth (image 7, 30x40, one polygon annotation) written with its image; (path, dirs, dict)."""
+    json_path, image_dir = coco(tmp_path, [ann(1)])
+    return json_path, image_dir, json.loads(json_path.read_text())
+
+
+@pytest.mark.parametrize("case", GT_CASES)
+def test_bad_ground_truth_gives_one_message_through_every_entry_point(tmp_path, case):
+    mutate, expected = GT_CASES[case]
+    json_path, image_dir, gt = _ground_truth(tmp_path)
+    gt = mutate(gt) or gt  # a mutation changes the dict in place (None) or returns a new top level
+    json_path.write_text(json.dumps(gt))
+    name = str(json_path)
+    messages = {"load_coco": _message(lambda: load_coco(json_path, image_dir)),
+                "evaluate_results": _message(lambda: evaluate_results(gt, [], gt_name=name)),
+                "coco_evaluate": _message(lambda: coco_evaluate(gt, [], gt_name=name))}
+    assert len(set(messages.values())) == 1, messages
+    assert re.match(rf"{re.escape(name)}: .*{expected}", messages["load_coco"]), messages["load_coco"]
+
+
+def _result(**changes) -> dict:
+    return {"image_id": 7, "category_id": 1, "score": 0.9, "segmentation": _json_rle(30, 40), **changes}
+
+
+RESULT_CASES = {  # name -> (results list, what the message must say)
+    "not a list": ({"annotations": [_result()]}, r"the top level is a dict, not a list"),
+    "not a dict": ([_result(), [7, 1, 0.9]], r"result #1 is a list \(\[7, 1, 0.9\]\), not a dict"),
+    "no score": ([_result(), {k: v for k, v in _result().items() if k != "score"}], r"result #1 lacks score"),
+    "no segmentation": ([{k: v for k, v in _result().items() if k != "segmentation"}], r"result #0 lacks segmentation"),
+    "string image id": ([_result(image_id="7")], r"result #0 has image_id '7'; use the ground truth's"),
+    "bool category id": ([_result(category_id=True)], r"result #0 \(image id 7\) has category_id True"),
+    "NaN score": ([_result(score=float("nan"))], r"result #0 \(image id 7, category 1\) has score nan"),
+    "short bbox": ([_result(bbox=[1, 2, 3])], r"result #0 \(image id 7, category 1\) has bbox \[1, 2, 3\]"),
+    "unknown image": ([_result(), _result(image_id=99)], r"results refer to image ids \[99\] that are not in the"),
+    "unknown category": ([_result(category_id=2)], r"results use category ids \[2\] that the ground truth does not"),
+    "RLE of another size": ([_result(segmentation=_json_rle(20, 20))],
+                            r"result #0 \(image id 7\): RLE size \[20, 20\] differs from the image size"),
+    "RLE runs short": ([_result(segmentation={"size": [30, 40], "counts": [5, 10]})],
+                       r"result #0 \(image id 7\): uncompressed RLE runs sum to 15 pixels"),
+    "empty segmentation": ([_result(segmentation=[])], r"result #0 \(image id 7\): no segmentation"),
+    "2-point polygon": ([_result(segmentation=[[1, 1, 9, 9]])],
+                        r"result #0 \(image id 7\): polygon #0 has 4 coordinates"),
+}
+
+
+@pytest.mark.parametrize("case", RESULT_CASES)
+def test_bad_results_give_one_message_through_every_entry_point(tmp_path, case):
+    results, expected = RESULT_CASES[case]
+    gt = _ground_truth(tmp_path)[2]
+    messages = {"evaluate_results": _message(lambda: evaluate_results(gt, results, results_name="res.json")),
+                "coco_evaluate": _message(lambda: coco_evaluate(gt, results, results_name="res.json"))}
+    assert len(set(messages.values())) == 1, messages
+    assert re.match(rf"res\.json: .*{expected}", messages["coco_evaluate"]), messages["coco_evaluate"]
+
+
+def test_scoring_refuses_what_training_drops(tmp_path):
+    """An annotation without a segmentation or with a 2-point polygon: load_coco drops it with a counted warning
+    (training loses one instance); both scorers refuse it, as dropping it would change the scores unseen."""
+    json_path, image_dir = coco(tmp_path, [ann(1), ann(2, seg=[]), ann(3, seg=[[1, 1, 9, 9]])])
+    with pytest.warns(UserWarning, match="annotations with an empty segmentation dropped"):
+        records = load_coco(json_path, image_dir)[0]
+    assert [a.id for a in records[0].annotations] == [1]
+    gt, name = json.loads(json_path.read_text()), str(json_path)
+    for call in (lambda: evaluate_results(gt, [], gt_name=name), lambda: coco_evaluate(gt, [], gt_name=name)):
+        assert _message(call).startswith(f"{name}: annotation id 2 (image 7): no segmentation")
+    gt["annotations"].pop(1)
+    for call in (lambda: evaluate_results(gt, [], gt_name=name), lambda: coco_evaluate(gt, [], gt_name=name)):
+        assert _message(call).startswith(f"{name}: annotation id 3 (image 7): polygon #0 has 4 coordinates")
+
+
+def test_flat_polygons_and_null_boxes_score_as_in_training(tmp_path):
+    """What the validator accepts, every scorer reads: a flat (unwrapped) polygon and a null result bbox."""
+    gt = _ground_truth(tmp_path)[2]
+    poly = square(5, 5, 10)
+    gt["annotations"][0]["segmentation"] = poly  # flat, as load_coco accepts
+    results = [_result(segmentation=poly, bbox=None)]
+    assert evaluate_results(gt, results)["mAP"] == pytest.approx(100)
+    assert coco_evaluate(gt, results)["stats"][0] == pytest.approx(1)

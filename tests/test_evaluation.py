@@ -21,6 +21,7 @@ from conftest import square, write_coco
 from gains import dist
 from gains.config import load_config
 from gains.data import build_dataset
+from gains.errors import DataError
 from gains.evaluation import EvaluationError, evaluate_model, evaluate_results, format_table, gt_instances
 from gains.inference import postprocess, shard_indices
 from gains.scoring import MetricAccumulator, cell_nuclei_pair
@@ -211,16 +212,16 @@ def test_results_errors_name_the_ids(rect_data):
     rle = mask_utils.encode(np.asfortranarray(np.ones((40, 48), np.uint8)))
     ok = {"image_id": 11, "category_id": 3, "score": 0.5,
           "segmentation": {"size": [40, 48], "counts": rle["counts"].decode()}}
-    with pytest.raises(EvaluationError, match=r"image ids \[99\].*not in the ground truth"):
+    with pytest.raises(DataError, match=r"image ids \[99\].*not in the ground truth"):
         evaluate_results(gt, [ok, {**ok, "image_id": 99}])
-    with pytest.raises(EvaluationError, match=r"category ids \[1\].*json category ids"):
+    with pytest.raises(DataError, match=r"category ids \[1\].*json category ids"):
         evaluate_results(gt, [ok, {**ok, "category_id": 1}])
-    with pytest.raises(EvaluationError, match="RLE size"):
+    with pytest.raises(DataError, match="RLE size"):
         evaluate_results(gt, [{**ok, "image_id": 12}])
-    with pytest.raises(EvaluationError, match="lacks"):
+    with pytest.raises(DataError, match="result #0 lacks category_id, segmentation"):
         evaluate_results(gt, [{"image_id": 11, "score": 1}])
     bad = {**gt, "annotations": [{**gt["annotations"][0], "id": 0}] + gt["annotations"][1:]}
-    with pytest.raises(EvaluationError, match="id 0.*>= 1"):
+    with pytest.raises(DataError, match="id 0.*>= 1"):
         evaluate_results(bad, [ok])
 
 

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from gains.errors import DataError
 from gains.metrics import STAT_NAMES, coco_evaluate, evaluate_instances
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
@@ -65,7 +66,7 @@ def test_fixture_cases(case):
 
 def test_annotation_id_zero_is_rejected():
     gt, results = _fixture_dataset(next(c for c in CASES if c["name"] == "gt_annotation_id_zero"))
-    with pytest.raises(ValueError, match=r"ids must be >= 1"):
+    with pytest.raises(DataError, match=r"ids must be integers >= 1"):
         coco_evaluate(gt, results)
 
 
@@ -96,7 +97,7 @@ def _jitter(rng, m):
 def _random_box(rng, h, w, integral):
     x, y = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
     bw, bh = rng.uniform(1, w / 2), rng.uniform(1, h / 2)
-    box = [x, y, bw, bh]
+    box = [x, y, min(bw, w - x), min(bh, h - y)]  # inside the image: GT boxes beyond it are refused
     return [float(round(v)) or 1.0 for v in box] if integral else box
 
 
@@ -253,9 +254,9 @@ def test_no_predictions_gives_zero():
 
 def test_unknown_ids_in_results_are_named():
     gt, results = _simple()
-    with pytest.raises(ValueError, match=r"image ids \[77\]"):
+    with pytest.raises(DataError, match=r"image ids \[77\]"):
         coco_evaluate(gt, results + [dict(results[0], image_id=77)])
-    with pytest.raises(ValueError, match=r"category ids \[4\].*map the model"):
+    with pytest.raises(DataError, match=r"category ids \[4\].*map the model"):
         coco_evaluate(gt, results + [dict(results[0], category_id=4)])
 
 
@@ -353,18 +354,19 @@ def _uncompressed(m):
 def test_bad_rle_is_reported():
     gt, results = _simple()
     results[0]["segmentation"] = {"size": [32, 32], "counts": [5, 10]}
-    with pytest.raises(ValueError, match="do not add up"):
+    with pytest.raises(DataError, match=r"results: result #0 \(image id 1\): uncompressed RLE runs sum to 15"):
         coco_evaluate(gt, results)
     results[0]["segmentation"] = _rle(np.ones((16, 32), np.uint8))
-    with pytest.raises(ValueError, match="differs from the image size"):
+    with pytest.raises(DataError, match="differs from the image size"):
         coco_evaluate(gt, results)
 
 
 def test_missing_fields_are_named():
     gt, results = _simple()
-    with pytest.raises(ValueError, match=r"need a 'bbox'"):
+    with pytest.raises(DataError, match=r"annotation id 1 \(image 1\): no 'bbox'.*iou_type 'bbox'"):
         coco_evaluate(gt, [dict(r, bbox=[0, 0, 4, 4]) for r in results], iou_type="bbox")
-    with pytest.raises(ValueError, match=r"lack 'bbox'"):
-        coco_evaluate(gt, results, iou_type="bbox")
-    with pytest.raises(ValueError, match=r"ids must be unique"):
+    boxed = dict(gt, annotations=[dict(a, bbox=[0, 0, 4, 4]) for a in gt["annotations"]])
+    with pytest.raises(DataError, match=r"result #0 lacks bbox"):
+        coco_evaluate(boxed, results, iou_type="bbox")
+    with pytest.raises(DataError, match=r"ids must be unique"):
         coco_evaluate(dict(gt, annotations=gt["annotations"] + gt["annotations"][:1]), results)
