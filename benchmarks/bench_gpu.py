@@ -8,8 +8,8 @@
 What is measured, on a synthetic ISBI-like batch (512x512 fields of 6 overlapping cells + 6 nuclei, 2 classes,
 resized to the training sizes' shortest edge 640 and 800, and 800 for inference), batch 1 and 8, with random
 weights (FrozenBN statistics calibrated once so activations stay finite):
-- train step: the training engine's step for every model alike (gains.engine: autocast, fused SGD with the
-  device-side non-finite guard, GradScaler for fp16, lr 1e-4 so the models stay stationary), forward +
+- train step: the training engine's step for every model alike (gains.engine: autocast, the host check of
+  the losses, SGD as the engine builds it, GradScaler for fp16, lr 1e-4 so the models stay stationary), forward +
   backward + update, `--warmup` steps (cuDNN autotuning happens there) then `--iters` timed steps, each with
   torch.cuda.synchronize() before and after; median / min seconds, images/s = batch / median;
 - inference per image: eval forward of the batch / batch size; torchvision pastes masks into the image inside
@@ -37,7 +37,7 @@ busy at once), then the same model wrapped in DistributedDataParallel as train.p
 on the CPU.
 
 A run stops starting new measurements after --budget-s seconds (the rest is listed as skipped), so the
-default run cannot overrun its slot. Tables are Markdown, like README.md's Benchmarks section.
+default run cannot overrun its slot. Tables are Markdown, like benchmarks/README.md's.
 """
 from __future__ import annotations
 
@@ -210,12 +210,12 @@ class Runner:
         self.amp, cl = parse_precision(precision)
         self.model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         cfg = load_config(None, ["solver.base_lr=0.0001"])
-        self.opt = optim.build_optimizer(cfg, self.model, fused=True)
-        optim.prepare_fused_sgd(self.opt, fused=True)
+        fused = optim.use_fused_sgd(self.device)  # as engine._set_up
+        self.opt = optim.build_optimizer(cfg, self.model, fused=fused)
+        optim.prepare_fused_sgd(self.opt, fused=fused)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp.use_scaler)
-        self.guard = train_step.NonFiniteGuard(self.device, all_ranks=False)
-        self.steps = 0
+        self.nonfinite_steps = 0
 
     def set_batch(self, images, targets, size: int, sparse: bool) -> None:
         set_size(self.model, self.name, size)
@@ -228,9 +228,15 @@ class Runner:
         with autocast(self.amp, self.device):
             losses = model(self.images, self.targets)
         names = tuple(sorted(losses))
-        self.steps += 1
-        skip = self.guard.update(self.steps, names, torch.stack([losses[k].detach().float() for k in names]))
-        train_step.backward_and_step(sum(losses.values()), self.opt, self.scaler, self.params, 0.0, skip)
+        values = torch.stack([losses[k].detach().float() for k in names])
+        if self.ddp is None:  # the engine's host check (train_step.check_losses); the plain step does no collective
+            finite = bool(torch.isfinite(values).all())
+        else:  # as the engine under DDP: the mean over ranks, so every rank decides alike
+            finite = all(math.isfinite(v) for v in dist.reduce_loss_dict(dict(zip(names, values))).values())
+        if not finite:  # the engine would stop the run here; the benchmark skips the update and reports it
+            self.nonfinite_steps += 1
+            return
+        train_step.backward_and_step(sum(losses.values()), self.opt, self.scaler, self.params)
 
     @torch.inference_mode()
     def infer(self, paste: bool = True) -> None:
@@ -243,7 +249,7 @@ class Runner:
                 paste_masks(o["masks"].float(), o["boxes"].float(), tuple(im.shape[-2:]))
 
     def nonfinite(self) -> bool:
-        return bool(self.guard.tripped)
+        return self.nonfinite_steps > 0
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -447,7 +453,6 @@ def run_ddp(args) -> None:
             plain, _ = measure(runner.train_step, device, args.warmup, args.iters)
             runner.ddp = nn.parallel.DistributedDataParallel(
                 runner.model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-            runner.guard = train_step.NonFiniteGuard(device, all_ranks=True)  # as the engine under DDP
             torch_dist.barrier()
             ddp, peak = measure(runner.train_step, device, args.warmup, args.iters)
             per_rank = dist.all_gather_object((statistics.median(plain), statistics.median(ddp), peak))

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     if cfg.solver.channels_last:  # as engine._set_up: 4-D weights NHWC, activations follow them
         model.to(memory_format=torch.channels_last)
     amp = resolve_amp(cfg.solver.amp, torch.device("cpu"))  # CPU: bf16 autocast, no GradScaler
-    fused = use_fused_sgd(torch.device("cpu"), device_guard=False)  # as engine._set_up on the CPU
+    fused = use_fused_sgd(torch.device("cpu"))  # as engine._set_up on the CPU
     optimizer = build_optimizer(cfg, model, fused=fused)
     prepare_fused_sgd(optimizer, fused=fused)
     scheduler = build_lr_scheduler(cfg, optimizer)

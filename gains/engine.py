@@ -17,18 +17,15 @@ Reproducibility. Three random streams matter, and each is made a pure function o
   checkpoints so that `--resume` continues the same stream.
 With `deterministic: true` on CPU, a resumed run therefore ends with bitwise the same weights.
 
-The step on a GPU waits for nothing between log points: the losses are summed on the device (LossWindow)
-and read once per `solver.log_period`; the non-finite check runs there too (NonFiniteGuard: from the first
-non-finite loss on, the updates are skipped inside fused SGD / the GradScaler, and the run stops at the next
-log, checkpoint or evaluation point with the usual message, the weights being those before the bad step).
-On the CPU the check stays on the host every step (free there: no device to wait for), so CPU runs, their
-numerics and their tests are unchanged. Mixed precision (`solver.amp`): bf16 autocast where it is native
-(CPU, Ampere and later), fp16 with a GradScaler otherwise; box arithmetic and losses stay float32.
+Each step reads its losses on the host once (gains.train_step.check_losses): a NaN or inf loss stops the run
+before that step's backward, with the weights and checkpoints of the step before. The log line's means are
+summed on the device (LossWindow) and read once per `solver.log_period`. Mixed precision (`solver.amp`):
+bf16 autocast where it is native (CPU, Ampere and later), fp16 with a GradScaler otherwise; box arithmetic
+and losses stay float32.
 """
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -53,7 +50,7 @@ from .precision import AmpMode, autocast, parse_amp, resolve_amp
 from .rng import capture_rng_state, preserved_rng_state, restore_rng_state, seed_process
 from .sampling import build_train_loader
 from .train_log import LossWindow, MetricsLog, WindowMeter, log_file, log_line, progress_bar
-from .train_step import (NonFiniteGuard, backward_and_step, stop_on_nonfinite, to_device, use_device_guard)
+from .train_step import backward_and_step, check_losses, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +105,7 @@ class TrainingRun:
     scaler: torch.amp.GradScaler
     amp: AmpMode
     device: torch.device
-    device_guard: bool  # True: non-finite check on the device (no sync per step), see NonFiniteGuard
-    fused_sgd: bool  # one fused SGD kernel per step (needed by the device guard; faster on the CPU too)
+    fused_sgd: bool  # one fused SGD kernel per step (on the CPU, where it is faster; see optim.use_fused_sgd)
     output_dir: Path
     category_map: dict | None
     start_iter: int = 0
@@ -144,9 +140,8 @@ def train(cfg, resume: bool = False, *, model: nn.Module | None = None, dataset:
 
 
 def _train_loop(run: TrainingRun) -> TrainResult:
-    """The loop: load, forward, check, backward, update; then log, checkpoint and evaluate on their periods.
-    With the device guard (CUDA) nothing in a step waits for the device: the losses stay there until the
-    next log point."""
+    """The loop: load, forward, check the losses (host), backward, update; then log, checkpoint and evaluate
+    on their periods."""
     cfg, s, model, device = run.cfg, run.cfg.solver, run.model, run.device
     max_iter, start_iter = int(s.max_iter), run.start_iter
     if start_iter >= max_iter:
@@ -156,7 +151,6 @@ def _train_loop(run: TrainingRun) -> TrainResult:
     metrics = MetricsLog(run.output_dir / "metrics.jsonl", start_iter, enabled=main)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     host_targets = bool(getattr(unwrap_model(model), "takes_host_targets", False))
-    guard = NonFiniteGuard(device) if run.device_guard else None
     meter, window = WindowMeter(), LossWindow()  # host timings; losses summed on the device
     dropped_fragments = 0  # instances cut by data.crop_size below data.crop_min_area, per log period
     logger.info("training %d -> %d iterations, %d image(s) per step on %d process(es), device %s",
@@ -174,10 +168,9 @@ def _train_loop(run: TrainingRun) -> TrainResult:
                 loss_dict = model(images, targets)
             names = tuple(sorted(loss_dict))
             values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
-            skip = _check_losses(guard, it + 1, names, values, metrics, run.output_dir)
+            check_losses(it + 1, names, values, metrics, run.output_dir)  # NaN/inf: stops before the backward
             lr = run.optimizer.param_groups[0]["lr"]
-            backward_and_step(sum(loss_dict.values()), run.optimizer, run.scaler, params,
-                              float(s.clip_grad_norm), skip)
+            backward_and_step(sum(loss_dict.values()), run.optimizer, run.scaler, params, float(s.clip_grad_norm))
             run.scheduler.step()
             done = it + 1
 
@@ -187,8 +180,6 @@ def _train_loop(run: TrainingRun) -> TrainResult:
             log_now = done % int(s.log_period) == 0 or done == max_iter
             save_now = done % int(s.checkpoint_period) == 0 and done < max_iter
             eval_now = int(s.eval_period) > 0 and done % int(s.eval_period) == 0
-            if guard is not None and (log_now or save_now or eval_now):
-                guard.raise_if_tripped(done, metrics, run.output_dir)
             if log_now:
                 _log(run, done, lr, meter, window, metrics, progress, dropped_fragments)
                 dropped_fragments = 0
@@ -224,14 +215,13 @@ def _set_up(cfg, model: nn.Module | None, dataset: Dataset | None, device: torch
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = bool(s.cudnn_benchmark)
     amp = resolve_amp(s.amp, device)
-    device_guard = use_device_guard(device)
-    fused_sgd = use_fused_sgd(device, device_guard)
+    fused_sgd = use_fused_sgd(device)
     optimizer = build_optimizer(cfg, model, fused=fused_sgd)
     logger.info("precision %s%s%s", amp.name, " + GradScaler" if amp.use_scaler else "",
                 ", channels_last" if s.channels_last else "")
     run = TrainingRun(cfg=cfg, model=model, optimizer=optimizer, scheduler=build_lr_scheduler(cfg, optimizer),
                       scaler=torch.amp.GradScaler(device.type, enabled=amp.use_scaler), amp=amp, device=device,
-                      device_guard=device_guard, fused_sgd=fused_sgd, output_dir=output_dir,
+                      fused_sgd=fused_sgd, output_dir=output_dir,
                       category_map=dataset.category_map.to_dict() if hasattr(dataset, "category_map") else None)
     return run, dataset
 
@@ -283,18 +273,6 @@ def _distribute(run: TrainingRun, info: dist.DistInfo, images_per_rank: int, dat
 
 
 # ----------------------------------------------------------------------------------------------- loop steps
-
-def _check_losses(guard: NonFiniteGuard | None, iteration: int, names: tuple, values: torch.Tensor,
-                  metrics: MetricsLog, output_dir: Path) -> torch.Tensor | None:
-    """The non-finite check of one step's losses. Without a guard (CPU): on the host, stopping the run before
-    the backward of a bad step. With one (CUDA): on the device; returns the flag that skips the update."""
-    if guard is not None:
-        return guard.update(iteration, names, values)
-    logged = dist.reduce_loss_dict(dict(zip(names, values)))  # mean over ranks: every rank decides alike
-    if not all(math.isfinite(v) for v in logged.values()):
-        stop_on_nonfinite(iteration, logged, metrics, output_dir)
-    return None
-
 
 def _log(run: TrainingRun, done: int, lr: float, meter: WindowMeter, window: LossWindow, metrics: MetricsLog,
          progress, dropped_fragments: int) -> None:

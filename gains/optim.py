@@ -1,5 +1,6 @@
 """The optimizer and its schedule: SGD with detectron2's weight-decay split for norm layers, the warm-up +
-multi-step learning rate, and fused SGD set up so that a step skipped on the device leaves no garbage."""
+multi-step learning rate, and fused SGD (on the CPU) set up so that a step the GradScaler skips leaves no
+garbage."""
 from __future__ import annotations
 
 import bisect
@@ -13,9 +14,9 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 def prepare_fused_sgd(optimizer: torch.optim.Optimizer, fused: bool) -> None:
     """After a resume (load_state_dict brings the checkpoint's `fused` flag back): use this run's choice, and
     with fused SGD create zero momentum buffers up front. Its first step otherwise makes them with
-    `torch.empty_like` and fills them inside the kernel, which a skipped step (a NaN loss, or an fp16
-    overflow the GradScaler skips) never runs: garbage would enter the next update. A zero buffer gives the
-    same first update (momentum * 0 + g = g)."""
+    `torch.empty_like` and fills them inside the kernel, which a skipped step (an fp16 overflow the
+    GradScaler skips: it hands its overflow flag to the fused kernel) never runs: garbage would enter the
+    next update. A zero buffer gives the same first update (momentum * 0 + g = g)."""
     for group in optimizer.param_groups:
         group["fused"] = True if fused else None
         if not fused or group["momentum"] == 0:
@@ -26,18 +27,17 @@ def prepare_fused_sgd(optimizer: torch.optim.Optimizer, fused: bool) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def use_fused_sgd(device: torch.device, device_guard: bool) -> bool:
-    """Fused SGD where the device guard needs it (it skips steps inside the kernel) and on the CPU, where its
-    one kernel is 2.5x faster than the per-parameter loop (~15 ms of a quickstart step). Same update up to
-    float rounding."""
-    return device_guard or device.type == "cpu"
+def use_fused_sgd(device: torch.device) -> bool:
+    """Fused SGD on the CPU, where its one kernel is 2.5x faster than the per-parameter loop (~15 ms of a
+    quickstart step); PyTorch's default (foreach) SGD elsewhere. Same update up to float rounding."""
+    return device.type == "cpu"
 
 
 def build_optimizer(cfg, model: nn.Module, fused: bool = False) -> torch.optim.SGD:
     """SGD with momentum; norm layers' affine parameters get `solver.weight_decay_norm` (detectron2's
     split: decaying a GroupNorm/BatchNorm scale towards 0 fights the normalisation). Frozen parameters
-    (requires_grad False) are not handed to the optimizer. fused: one fused kernel per step, which can
-    also skip a step on the device (GradScaler's / NonFiniteGuard's flag) without a host sync."""
+    (requires_grad False) are not handed to the optimizer. fused: one fused kernel per step (it takes the
+    GradScaler's scale and overflow flag from `scaler.step`)."""
     s = cfg.solver
     norm_params, other_params, seen = [], [], set()
     for module in model.modules():

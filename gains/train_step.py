@@ -1,6 +1,18 @@
-"""One optimizer step and its safety net: moving a batch to the device, backward + (clipped, scaled) update
-that can be skipped on the device, and the non-finite loss check (NonFiniteGuard on a GPU: no host<->device
-sync per step; a host check every step on the CPU), which stops the run naming the bad iteration."""
+"""One training step and its safety net: moving a batch to the device, the non-finite loss check on the host,
+and backward + (clipped, scaled) update, the plain GradScaler recipe.
+
+The engine's step (gains.engine._train_loop), read top to bottom:
+
+    loss_dict = model(images, targets)                  # name -> 0-dim float32 loss
+    check_losses(iteration, names, values, ...)         # values: the losses as a float32 [len(names)] vector;
+                                                        #   read on the host; NaN/inf -> FloatingPointError
+    backward_and_step(sum(loss_dict.values()), optimizer, scaler, params, clip_grad_norm)
+
+A non-finite loss stops the run before its backward, so the weights, the optimizer state and the checkpoints
+are those after the previous step. With fp16 the GradScaler also skips, by itself, a step whose scaled
+gradients overflowed (the loss being finite) and lowers its scale; with float32 and bf16 it is disabled and
+each of its calls is the identity, so the step is `loss.backward(); [clip_grad_norm_]; optimizer.step()`.
+"""
 from __future__ import annotations
 
 import math
@@ -13,84 +25,38 @@ from .checkpoint import find_last_checkpoint
 from .sparse_maps import SparseMaps
 from .train_log import MetricsLog
 
-# Non-finite check of the losses. True: on the device (no host<->device sync per step; see NonFiniteGuard),
-# False: on the host every step (the step raises before its backward), None: on the device for CUDA only. On
-# the CPU the host check costs nothing (there is no device to wait for) and keeps the old exact behaviour.
-DEVICE_GUARD: bool | None = None
+
+def check_losses(iteration: int, names: tuple, values: torch.Tensor, metrics: MetricsLog,
+                 output_dir: Path) -> None:
+    """The non-finite check of one step's losses, on the host (one device->host read per step).
+
+    names: the loss names, sorted; values: float32 tensor [len(names)], the step's losses in that order (on
+    any device). The losses are averaged over ranks first (dist.reduce_loss_dict), so every rank of a DDP run
+    decides alike. A NaN or inf stops the run before the step's backward: see stop_on_nonfinite.
+    """
+    logged = dist.reduce_loss_dict(dict(zip(names, values)))
+    if not all(math.isfinite(v) for v in logged.values()):
+        stop_on_nonfinite(iteration, logged, metrics, output_dir)
 
 
-def use_device_guard(device: torch.device) -> bool:
-    return DEVICE_GUARD if DEVICE_GUARD is not None else device.type == "cuda"
+def backward_and_step(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      params: list[torch.nn.Parameter], clip_grad_norm: float = 0.0) -> None:
+    """zero_grad, backward of `total`, optional clipping, optimizer step, scaler update.
 
-
-def backward_and_step(total: torch.Tensor, optimizer: torch.optim.Optimizer, scaler, params,
-                      clip_grad_norm: float = 0.0, skip: torch.Tensor | None = None) -> None:
-    """zero_grad, backward of `total` (scaled when the GradScaler is on), optional clipping, optimizer step.
-
-    skip: optional 0-dim bool tensor on the parameters' device; where True the update is not applied (weights
-    and momentum untouched) and the host never reads it: fused SGD takes it as `found_inf`, and with a
-    GradScaler one gradient is made NaN so that the scaler skips the step itself (fused SGD then skips on the
-    device too; a non-fused optimizer makes the scaler read its flag, one sync). Needs a fused optimizer when
-    the scaler is off (build_optimizer(..., fused=True)).
+    total: 0-dim float32 tensor, the sum of the step's losses (checked finite by check_losses). scaler: on
+    (fp16) it scales `total`, unscales the gradients (before clipping, else in `step`; fused SGD unscales
+    inside its kernel with the scale and overflow flag `scaler.step` hands it), skips the update when a
+    gradient is inf/NaN and adapts its scale in `update`; off (float32, bf16) every call is a no-op and
+    `scaler.step` is `optimizer.step()`. params: the optimizer's parameters; clip_grad_norm > 0 clips the L2
+    norm of all their (unscaled) gradients together to that value.
     """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
-    if skip is not None and scaler.is_enabled():
-        grad = next(p.grad for p in params if p.grad is not None)
-        grad.add_(torch.where(skip, float("nan"), 0.0))
     if clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-    if skip is None or scaler.is_enabled():
-        scaler.step(optimizer)
-    else:
-        if not all(g.get("fused") for g in optimizer.param_groups):
-            raise ValueError("backward_and_step(skip=...) without a GradScaler needs a fused optimizer")
-        optimizer.grad_scale, optimizer.found_inf = None, skip.to(torch.float32)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
+    scaler.step(optimizer)
     scaler.update()
-
-
-class NonFiniteGuard:
-    """The non-finite loss check without a host<->device sync per step.
-
-    `update` tests each step's loss vector on the device and returns a sticky 0-dim flag that is True from
-    the first non-finite step on; given to `backward_and_step(skip=...)`, that step and every later one are
-    not applied, so no bad update reaches the weights although the host reads nothing. `raise_if_tripped`
-    reads the flag (one sync) at log, checkpoint and evaluation points and stops the run like the per-step
-    check: same message, naming the first bad iteration and its losses; nothing after it is saved. Under DDP
-    the flag is all-reduced every step (an asynchronous collective), so every rank skips the same steps.
-    """
-
-    def __init__(self, device: torch.device, all_ranks: bool | None = None):
-        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
-        self.first: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # names -> (iteration, losses)
-        self.all_ranks = dist.get_world_size() > 1 if all_ranks is None else all_ranks
-
-    def update(self, iteration: int, names: tuple, values: torch.Tensor) -> torch.Tensor:
-        bad = ~torch.isfinite(values).all()
-        if self.all_ranks:
-            flag = bad.to(torch.float32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = flag > 0
-        new = bad & ~self.tripped
-        it, vals = self.first.get(names, (torch.full_like(self.tripped, -1, dtype=torch.int64), values))
-        self.first[names] = (torch.where(new, iteration, it), torch.where(new, values, vals))
-        self.tripped |= bad
-        return self.tripped
-
-    def raise_if_tripped(self, done: int, metrics: "MetricsLog", output_dir: Path) -> None:
-        if not bool(self.tripped):  # the one device->host read
-            return
-        found = [(int(it), names, vals) for names, (it, vals) in self.first.items() if int(it) >= 0]
-        iteration, names, vals = min(found, key=lambda f: f[0])
-        logged = dist.reduce_loss_dict(dict(zip(names, vals)))
-        note = (f" (noticed at iteration {done}: the updates of iterations {iteration}-{done} were skipped on "
-                f"the device, the weights are those after iteration {iteration - 1})") if done > iteration else ""
-        stop_on_nonfinite(iteration, logged, metrics, output_dir, note)
 
 
 def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device, move_targets: bool = True):
@@ -104,15 +70,15 @@ def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.dev
     return images, targets
 
 
-def stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: MetricsLog, output_dir: Path,
-                       note: str = ""):
-    """Stop before the bad step touches the weights; the last checkpoint on disk stays the newest."""
+def stop_on_nonfinite(iteration: int, logged: dict[str, float], metrics: MetricsLog, output_dir: Path):
+    """Stop before the bad step touches the weights: a metrics.jsonl record {"iter", "error": "non-finite
+    loss", every loss}, then FloatingPointError naming the iteration, the bad losses and the last checkpoint
+    on disk (which stays the newest: nothing of this step is saved)."""
     bad = [k for k, v in logged.items() if not math.isfinite(v)]
     metrics.write({"iter": iteration, "error": "non-finite loss", **logged})
     last = find_last_checkpoint(output_dir)
     raise FloatingPointError(
         f"non-finite loss at iteration {iteration}: {', '.join(bad)} "
         f"({', '.join(f'{k}={v:.4g}' for k, v in logged.items())}); training stopped without saving this "
-        f"step{note}. Last good checkpoint: {last if last else 'none yet'} (continue with --resume after lowering "
+        f"step. Last good checkpoint: {last if last else 'none yet'} (continue with --resume after lowering "
         f"solver.base_lr or enabling solver.clip_grad_norm)")
-

@@ -1,8 +1,8 @@
 """The GPU path, tested on the CPU: AMP options (bf16 runs on the CPU), channels_last, persistent workers, the
-training step without host<->device syncs (device-side non-finite guard, fused SGD), and bench_gpu.py.
+engine's step with the GradScaler (fp16 runs on the CPU too) and its non-finite stop, and bench_gpu.py.
 
-What needs a GPU (fp16 speed, cuDNN, NCCL, the absence of syncs on CUDA) is in test_cuda_step_has_no_sync
-(skipped without CUDA) and in `python benchmarks/bench_gpu.py`.
+What needs a GPU (fp16 speed, cuDNN, NCCL) is in test_train_step.py's CUDA cases (skipped without CUDA) and in
+`python benchmarks/bench_gpu.py`.
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from gains import engine, optim, precision, sampling, train_log, train_step
+from gains import engine, optim, precision, sampling, train_step
 from gains.alrm import anomaly_loss
 from gains.checkpoint import find_last_checkpoint, read_checkpoint
 from gains.config import ConfigError, load_config
@@ -29,12 +28,6 @@ from test_model import make_sample, tiny_model
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.usefixtures("restore_global_state"),
               pytest.mark.filterwarnings("ignore:solver.amp=fp16 on the CPU")]
-
-
-@pytest.fixture
-def device_guard(monkeypatch):
-    """Run the engine with the CUDA step (device-side non-finite guard + fused SGD) on the CPU."""
-    monkeypatch.setattr(train_step, "DEVICE_GUARD", True)
 
 
 def run(cfg, resume=False, **model_kwargs):
@@ -129,9 +122,7 @@ def test_cpu_bf16_step_of_the_real_model():
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("guard", [False, True], ids=["host_check", "device_guard"])
-def test_amp_runs_resume_bitwise_with_the_scaler_state(tmp_path, monkeypatch, amp, guard):
-    monkeypatch.setattr(train_step, "DEVICE_GUARD", guard)
+def test_amp_runs_resume_bitwise_with_the_scaler_state(tmp_path, amp):
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_cfg(full, f"solver.amp={amp}"))
     with pytest.raises(KeyboardInterrupt):
@@ -182,8 +173,8 @@ def test_loader_workers_are_persistent_and_pinned_only_when_asked():
     assert not loader.persistent_workers and not loader.pin_memory
 
 
-def test_persistent_workers_resume_bitwise_with_the_device_guard(tmp_path, device_guard):
-    """Workers (persistent), a resume and the fused/guarded step: same weights as one run in the main process."""
+def test_persistent_workers_resume_bitwise_with_fused_sgd(tmp_path):
+    """Workers (persistent), a resume and the CPU's fused SGD: same weights as one run in the main process."""
     ref = run(tiny_cfg(tmp_path / "main_process"))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_cfg(tmp_path / "workers", "data.num_workers=2"), crash_at=5)
@@ -193,22 +184,12 @@ def test_persistent_workers_resume_bitwise_with_the_device_guard(tmp_path, devic
     assert b["optimizer"]["param_groups"][0]["fused"] is True
 
 
-def test_device_guard_step_trains_like_the_host_check(tmp_path, monkeypatch):
-    host = run(tiny_cfg(tmp_path / "host"))
-    monkeypatch.setattr(train_step, "DEVICE_GUARD", True)
-    device = run(tiny_cfg(tmp_path / "device"))
-    for k, v in host.state_dict().items():  # the same fused SGD; found_inf=False leaves the update as it is
-        torch.testing.assert_close(device.state_dict()[k], v, rtol=1e-6, atol=1e-7)
-    la, lb = metrics_lines(tmp_path / "host"), metrics_lines(tmp_path / "device")
-    assert [r["iter"] for r in la] == [r["iter"] for r in lb]
-    assert [r["total_loss"] for r in lb] == pytest.approx([r["total_loss"] for r in la], rel=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------- no-sync step
+# ----------------------------------------------------------------------------------------------- the step
 
 @pytest.mark.parametrize("amp", ["false", "fp16"])
 @pytest.mark.parametrize("log_period", [1, 4])
-def test_device_guard_stops_on_nan_before_the_weights_change(tmp_path, device_guard, amp, log_period):
+def test_nonfinite_loss_stops_before_the_weights_change(tmp_path, amp, log_period):
+    """Checked on the host every step, whatever the log period: the run stops before the bad step's backward."""
     cfg = tiny_cfg(tmp_path, "solver.checkpoint_period=2", f"solver.log_period={log_period}", "solver.max_iter=8",
                    f"solver.amp={amp}")
     torch.manual_seed(0)
@@ -218,33 +199,12 @@ def test_device_guard_stops_on_nan_before_the_weights_change(tmp_path, device_gu
     assert "model_0000004.pth" in str(info.value)
     assert find_last_checkpoint(tmp_path).name == "model_0000004.pth"  # the checkpoint at 6 was not written
     assert not (tmp_path / "model_0000006.pth").exists() and not (tmp_path / "model_final.pth").exists()
-    # the bad update (and, noticed later, every update after it) never reached the weights
+    # the bad update never reached the weights (nor the optimizer: no gradient was computed)
     assert same_weights(read_checkpoint(tmp_path / "model_0000004.pth")["model"], model.state_dict())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     last = metrics_lines(tmp_path)[-1]
     assert last["iter"] == 5 and last["error"] == "non-finite loss" and last["loss_a"] == "nan"
-    if log_period == 4:
-        assert "noticed at iteration 6" in str(info.value)
-
-
-def test_fused_sgd_skipped_first_step_leaves_clean_momentum():
-    """Fused SGD fills new momentum buffers inside the kernel; a skipped first step would leave them
-    uninitialised (torch.empty_like) without prepare_fused_sgd."""
-    torch.manual_seed(0)
-    model, ref = nn.Linear(32, 8), nn.Linear(32, 8)
-    ref.load_state_dict(model.state_dict())
-    cfg = load_config(None, ["solver.base_lr=0.1"])
-    opt, opt_ref = optim.build_optimizer(cfg, model, fused=True), optim.build_optimizer(cfg, ref, fused=True)
-    optim.prepare_fused_sgd(opt, fused=True)
-    optim.prepare_fused_sgd(opt_ref, fused=True)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    x = torch.randn(4, 32)
-    params = list(model.parameters())
-    train_step.backward_and_step(model(x).square().sum(), opt, scaler, params, skip=torch.tensor(True))
-    assert same_weights(model.state_dict(), ref.state_dict())
-    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
-    train_step.backward_and_step(model(x).square().sum(), opt, scaler, params, skip=torch.tensor(False))
-    train_step.backward_and_step(ref(x).square().sum(), opt_ref, scaler, list(ref.parameters()))
-    assert same_weights(model.state_dict(), ref.state_dict())  # a skipped step is no step at all
+    assert "step. Last good checkpoint" in str(info.value)
 
 
 def test_rpn_drops_nonfinite_proposals_in_eval_and_stops_in_cpu_training():
@@ -285,37 +245,6 @@ def test_sparse_target_crops_from_a_host_copy_of_the_rois():
     crops = TargetCrops(boxes, gts, 28)
     assert torch.equal(crops(far), want) and crops._host is not None
     assert torch.equal(TargetCrops(boxes, gts, 28)(dense), want)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_step_has_no_sync(tmp_path, monkeypatch):
-    """The engine's step (guard, fused SGD, loss window) on CUDA raises under sync debug mode 'error'."""
-    device = torch.device("cuda")
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-    model.to(device)
-    opt = optim.build_optimizer(load_config(None), model, fused=True)
-    optim.prepare_fused_sgd(opt, fused=True)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for amp in ("false", "fp16", "bf16"):
-        mode = precision.resolve_amp(amp, device)
-        scaler = torch.amp.GradScaler("cuda", enabled=mode.use_scaler)
-        guard, window = train_step.NonFiniteGuard(device), train_log.LossWindow()
-        x = torch.randn(4, 3, 32, 32, device=device)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for it in range(3):
-                with precision.autocast(mode, device):
-                    out = model(x).float()
-                losses = {"loss_a": out.square().mean(), "loss_b": out.abs().mean()}
-                names = tuple(sorted(losses))
-                values = torch.stack([losses[k].detach().float() for k in names])
-                skip = guard.update(it + 1, names, values)
-                train_step.backward_and_step(sum(losses.values()), opt, scaler, params, 0.0, skip)
-                window.update(names, values)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        assert not bool(guard.tripped) and set(window.pop_means()) == {"loss_a", "loss_b"}
 
 
 # ----------------------------------------------------------------------------------------------- bench_gpu.py
