@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from gains.annotations import segmentation_to_rle  # noqa: E402
 from gains.atomic import write_text_atomic  # noqa: E402
 from gains.config import load_config  # noqa: E402
+from gains.scoring import COCO_MAX_DETS, check_max_dets, coco_max_dets  # noqa: E402
 from gains.cto import stratified_metrics  # noqa: E402
 from gains.cto_zone import zone_scores  # noqa: E402
 
@@ -54,8 +55,9 @@ def _decode(segmentations, h: int, w: int) -> np.ndarray:
     return np.moveaxis(mask_utils.decode(rles), -1, 0).astype(bool)
 
 
-def score_run(gt_json: Path, results_json: Path) -> dict:
-    """Every number of one run's test predictions (module docstring); AP/AJI x100."""
+def score_run(gt_json: Path, results_json: Path, max_dets: int | None = COCO_MAX_DETS) -> dict:
+    """Every number of one run's test predictions (module docstring); AP/AJI x100. AP and AJI score the top
+    `max_dets` detections per image and category (the run's `test.max_dets_eval`; None: all), as evaluate.py."""
     gt = json.loads(Path(gt_json).read_text())
     results = json.loads(Path(results_json).read_text())
     cats = [c["id"] for c in gt["categories"]]
@@ -80,7 +82,8 @@ def score_run(gt_json: Path, results_json: Path) -> dict:
         zone.extend(z["zone_iou"][z["cto"]])
         cto_iou.extend(z["mask_iou"][z["cto"]])
         non_iou.extend(z["mask_iou"][~z["cto"]])
-    s = stratified_metrics(gts, dets, cats)
+    largest = max((int(np.sum(d["labels"] == c)) for d in dets for c in cats), default=0)
+    s = stratified_metrics(gts, dets, cats, max_dets=coco_max_dets(max_dets, largest))
     out = {f"{name}": (100.0 * s[stratum][key] if key == "aji" else s[stratum][key])
            for name, stratum, key in COLUMNS}
     out.update({"zone IoU": 100.0 * float(np.mean(zone)) if zone else float("nan"),
@@ -107,14 +110,15 @@ def _score_cached(folder: Path) -> dict:
     results = folder / "eval_final_test" / "results_test.json"
     cache = folder / "ablation_scores.json"
     stamp = results.stat().st_mtime
+    max_dets = check_max_dets(cfg.test.get("max_dets_eval"))
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("results_mtime") == stamp:
+        if cached.get("results_mtime") == stamp and cached.get("max_dets", COCO_MAX_DETS) == max_dets:
             return cached["scores"]
-    scores = score_run(gt_json, results)
+    scores = score_run(gt_json, results, max_dets)
     val = json.loads((folder / "eval_final_val" / "metrics.json").read_text())
     scores["val mAP"], scores["val AJI"] = val.get("mAP"), 100.0 * val["aji"] if val.get("aji") is not None else None
-    write_text_atomic(cache, json.dumps({"results_mtime": stamp, "scores": scores}, indent=1))
+    write_text_atomic(cache, json.dumps({"results_mtime": stamp, "max_dets": max_dets, "scores": scores}, indent=1))
     return scores
 
 
@@ -163,7 +167,7 @@ def _markdown(table: dict, scored: dict, config: str) -> str:
     lines = [f"# Ablation: {config}", "",
              "Test split; mean ± sd over seeds (n = seeds). AP, AJI and IoU x100. CTO = GTs that cross, touch or "
              "overlap another of their category; zone IoU = mask IoU inside the contact zones "
-             "(gains/README.md, Metrics).", "",
+             "(gains/METRICS.md §5-§6).", "",
              "| mode | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for mode, row in table["modes"].items():
         n = max(v[2] for v in row.values())

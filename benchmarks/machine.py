@@ -1,5 +1,5 @@
 """One line describing the machine a benchmark ran on (CPU model, cores, RAM, GPU, Python, torch), for the
-headers of the tables that go into README."""
+headers of the tables that go into benchmarks/README.md."""
 from __future__ import annotations
 
 import os

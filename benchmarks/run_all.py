@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every peer comparison of the project in one command, printed as markdown (paste it into README):
+"""Every peer comparison of the project in one command, printed as markdown (paste it into benchmarks/README.md):
 
     python benchmarks/run_all.py [--quick] [--scale] [--out benchmarks/RESULTS.md]
 

@@ -1,4 +1,4 @@
-"""Aggregated Jaccard Index family on per-instance masks (overlaps allowed): METRICS.md §2-§3.
+"""Aggregated Jaccard Index family on per-instance masks (overlaps allowed): gains/METRICS.md §3-§4.
 
 Three definitions, never to be confused:
 - `aji` (the GAInS/DoNet tables): per category, detections score-sorted (stable) and cut at `max_dets`

@@ -1,4 +1,4 @@
-"""Adaptive Local Refinement Module: guidance fusion + anomaly branch + its loss (GAINS_METHOD.md §4-§5).
+"""Adaptive Local Refinement Module: guidance fusion + anomaly branch + its loss (gains/METHOD.md §5-§6, §9).
 
 With X the pooled RoI features (R x C x 14 x 14) and F_m the mask branch's conv features:
 ```

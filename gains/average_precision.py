@@ -1,6 +1,6 @@
 """Native COCO average precision for masks ('segm') and boxes ('bbox'), equal to pycocotools COCOeval.
 
-The definitions are those of /work/shared/docs/METRICS.md §1; the tie rules, the thresholds and the
+The definitions are those of gains/gains/METRICS.md §3; the tie rules, the thresholds and the
 accumulation order reproduce pycocotools 2.0.x so that every summary statistic agrees to rounding noise.
 Nothing here calls pycocotools: masks become runs (`gains.mask_runs`) whose intersections are exact
 integer pixel counts; IoUs are float64 divisions of those counts, as in pycocotools' C code.

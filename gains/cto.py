@@ -1,7 +1,7 @@
 """CTO-stratified mask AP and AJI: the same metrics counted only where instances Cross, Touch or Overlap.
 
-Definitions (README text)
--------------------------
+Definitions (gains/METRICS.md §5)
+----------------------------------
 **CTO ground truth.** Within one image, two non-crowd ground-truth instances *meet* when one mask,
 dilated by the 3x3 square (8-connectivity), shares a pixel with the other: they overlap (>= 1 common
 pixel; crossing is a case of overlap) or touch (a pixel of one is a horizontal, vertical or diagonal
@@ -31,7 +31,7 @@ CTO cluster (sharing a pixel with a CTO GT, e.g. a merged or badly split detecti
 unchanged. So each spurious detection is charged to exactly one stratum and neither hides background
 false positives; one grazing both a CTO and an isolated GT is charged to CTO.
 
-**Stratum AJI**: `aji` mode 'clean' (METRICS.md §2: greedy, GT order, IoU >= 0.5, top 100 detections)
+**Stratum AJI**: `aji` mode 'clean' (gains/METRICS.md §3: greedy, GT order, IoU >= 0.5, the top `max_dets` detections)
 per image and category on the S GTs and the detections that stratum AP counts at IoU 0.5 (matched there
 to an S GT, or unmatched and in the S detection stratum). An (image, category) is counted when it has
 >= 1 of either (value 0 when one side is empty); mean over counted images per category, then over

@@ -1,6 +1,6 @@
 """Contact-zone IoU: mask quality exactly where instances cross, touch or overlap (what GAInS targets).
 
-Definition (gains/README.md, "Metrics")
+Definition (gains/METRICS.md §6)
 ---------------------------------------
 Within one image and category, two ground-truth instances *meet* as in `gains.cto` (one mask dilated by the
 3x3 square shares a pixel with the other). Let D(m) be mask m dilated by the (2r+1) x (2r+1) square

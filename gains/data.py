@@ -1,4 +1,4 @@
-"""The data set: validated COCO records -> (image, target) items in torchvision's format (DESIGN.md §2).
+"""The data set: validated COCO records -> (image, target) items in torchvision's format (gains/README.md, Contracts).
 
 Item: `image` float32 [3,H,W] in [0,1] (cropped/resized/flipped); `target` = {
     boxes float32 [N,4] xyxy pixels (the annotation's box through the same transform, as detectron2; see

@@ -41,7 +41,7 @@ EMPTY_BOX = (0, 0, 0, 0)
 
 @dataclass(frozen=True)
 class GammParams:
-    """Hyper-parameters of GAINS_METHOD.md §2.6; `target_category_id` is a json category id."""
+    """Hyper-parameters of gains/METHOD.md §2; `target_category_id` is a json category id."""
 
     variant: str
     window_size: int

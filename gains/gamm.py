@@ -1,4 +1,4 @@
-"""Gradient Anomaly Mapping Module (GAMM): one GA map per annotation, GAINS_METHOD.md §2.
+"""Gradient Anomaly Mapping Module (GAMM): one GA map per annotation, gains/METHOD.md §2.
 
 The authors' scripts loop over every window in Python (about a minute for a 512×512 image). Here the same
 definition runs in float64 numpy only where a value can be non-zero: windows holding a pixel of the
@@ -178,7 +178,7 @@ def _group_window_ranges(boxes_xywh, group, ws, height, width):
 # ------------------------------------------------------------------------------------ driver
 def compute_ga_crops(masks, category_ids, boxes_xywh, *, variant, window_size, ga_factor, overlap_hl,
                      target_category_id) -> list:
-    """GA maps of all instances of one image (GAINS_METHOD.md §2), in annotation order, as crops.
+    """GA maps of all instances of one image (gains/METHOD.md §2), in annotation order, as crops.
 
     Args:
         masks: CropMasks of N masks (see ``gamm_mask_crops``) or bool [N, H, W].

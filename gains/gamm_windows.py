@@ -1,4 +1,4 @@
-"""GAMM building blocks on crops (GAINS_METHOD.md §2.1–2.3): radial fields, window statistics, painting
+"""GAMM building blocks on crops (gains/METHOD.md §2): radial fields, window statistics, painting
 window grids into pixels, and finding which boxes meet. Used by gains/gamm.py.
 
 Every array here lives on one instance's neighbourhood (its mask bbox grown by ws-1) or on the windows

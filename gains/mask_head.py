@@ -1,5 +1,5 @@
 """The mask head and its targets and loss: a conv + upsample head (shared by the mask branch and, in alrm.py,
-the anomaly branch), the GA-aware mask BCE (GAINS_METHOD.md §5), and the per-RoI crops of each ground truth's
+the anomaly branch), the GA-aware mask BCE (gains/METHOD.md §6-§7), and the per-RoI crops of each ground truth's
 mask / GA map that serve as targets and pixel weights."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class ConvUpsampleHead(nn.Module):
 
 
 def mask_loss(logits: Tensor, labels: Tensor, targets: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
-    """GA-aware mask loss of GAINS_METHOD.md §5 (without the mode's scalar weight):
+    """GA-aware mask loss of gains/METHOD.md §6-§7 (without the mode's scalar weight):
     mean over R x M x M of `pixel_weights * BCEWithLogits(logits[r, labels[r]-1], targets)`; not normalised by
     the sum of the weights. `pixel_weights=None` is the plain Mask R-CNN BCE.
 

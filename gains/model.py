@@ -1,6 +1,6 @@
 """GAInS = normalise/pad + ResNet-FPN backbone + RPN + RoI heads (+ ALRM); `build_model(cfg)`.
 
-Modes (`model.mode`, the four ablations of GAINS_METHOD.md §5):
+Modes (`model.mode`, the four ablations of gains/METHOD.md §6-§7):
 | mode          | GA-weighted BCE | anomaly branch | default mask loss weight | needs `ga` |
 |---------------|-----------------|----------------|--------------------------|------------|
 | mask_rcnn     | no              | no             | 1.0                      | no         |

@@ -1,5 +1,5 @@
 """RoI heads: proposal sampling, the box head and its loss, and the calls into the mask head (gains.mask_head)
-and the ALRM anomaly branch (gains.alrm) with their losses (GAINS_METHOD.md §4-§5).
+and the ALRM anomaly branch (gains.alrm) with their losses (gains/METHOD.md §5-§6, §9).
 
 Numerics follow detectron2's StandardROIHeads: GT boxes appended to proposals, IoU 0.5 matching,
 512 RoIs/image at 25 % foreground, aligned RoIAlign (sampling_ratio 0) on P2-P5 with detectron2's level

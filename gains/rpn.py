@@ -1,4 +1,4 @@
-"""Region proposal network with detectron2's numerics (GAINS_METHOD.md §4).
+"""Region proposal network with detectron2's numerics (gains/METHOD.md §9).
 
 Differences from torchvision's RPN that matter for faithfulness:
 - anchors are not rounded to integers and sit at offset 0 (cell corners `k * stride`), as detectron2's

@@ -2,7 +2,7 @@
 printed table and metrics.json. Shared by `evaluation.evaluate_model` (a model over a split) and
 `evaluation.evaluate_results` (a COCO results file), so both report exactly the same numbers.
 
-Metrics (METRICS.md), on per-instance masks at the ORIGINAL image resolution: COCO mask AP (mAP =
+Metrics (gains/METRICS.md), on per-instance masks at the ORIGINAL image resolution: COCO mask AP (mAP =
 AP@[.5:.95], AP50, AP75; in %), box AP, the GAInS/DoNet `aji` (mode `test.aji_mode`), `aji_kumar` and
 `aji_plus` (fractions in [0,1]; the table prints AJI x100 like the paper), per category and averaged; the
 CTO strata (gains.cto).

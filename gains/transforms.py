@@ -1,7 +1,7 @@
 """Joint geometric transforms of an image, its instance masks and their GA maps.
 
 One random draw decides the size and the flip for all three, so a GA map stays registered with its mask
-(GAINS_METHOD.md §3). All three use one geometry, pixel centres at (i + 0.5) * scale:
+(gains/METHOD.md §4). All three use one geometry, pixel centres at (i + 0.5) * scale:
 - images: 8-bit ones (every value k/255) with PIL's bilinear resize, exactly detectron2's ResizeTransform
   for uint8 images, so a converted checkpoint sees the authors' pixels; 16-bit and float images with
   `F.interpolate(bilinear, align_corners=False, antialias=True)` (PIL's filter, in float);

@@ -20,7 +20,7 @@ roi_heads.double_branch_anomaly_head.abn_fcn{n}.*  roi_heads.alrm.branch.convs.{
 roi_heads.double_branch_anomaly_head.{deconv,predictor}.*  roi_heads.alrm.branch.{deconv,predictor}.*
 roi_heads.branch_guidance_conv_anomaly_layer2.*    roi_heads.alrm.guidance.*  (the last layer: the live one)
 ```
-Ignored by name with a reason: dead guidance layers 0, 1 (GAINS_METHOD.md §7.4), `pixel_mean`/`pixel_std` and
+Ignored by name with a reason: dead guidance layers 0, 1 (gains/METHOD.md §8), `pixel_mean`/`pixel_std` and
 `cell_anchors` buffers (compared with the config by `convert_checkpoint`), `num_batches_tracked`. Config, not
 tensors: BGR, pixel mean [103.53, 116.28, 123.675] / std 1, stride in the 1x1 conv, frozen BN; detectron2's
 anchors (not rounded, offset 0) are what gains.rpn builds.
@@ -367,7 +367,7 @@ def convert_detectron2_state_dict(d2_state: dict, *, num_classes: int | None = N
                               f"config says model.mode={mode}: set model.mode={implied['model.mode']}")
     kmap = detectron2_key_map(info["depth"], info["mask_head"] or "double", info["anomaly"], info["guidance"])
     rules = IGNORE_RULES + [(re.compile(rf"^roi_heads\.branch_guidance_conv_anomaly_layer{i}\."),
-                             f"dead guidance layer; the live one is layer{info['guidance']} (GAINS_METHOD.md §7.4)")
+                             f"dead guidance layer; the live one is layer{info['guidance']} (gains/METHOD.md §8)")
                             for i in info["dead_guidance"]]
     out, report = _rename_all(state, rules, kmap.get, "detectron2")
     for key in ("roi_heads.box_head.cls_score.weight", "roi_heads.box_head.cls_score.bias"):

@@ -1,4 +1,4 @@
-"""Slow literal GAMM oracle, written straight from GAINS_METHOD.md §2 with Python loops over windows.
+"""Slow literal GAMM oracle, written straight from gains/METHOD.md §2 with Python loops over windows.
 
 Independent of gains/gamm.py on purpose, the masks included: ``oracle_masks`` is the authors' rasteriser
 itself (matplotlib ``Path.contains_points`` on every pixel centre of the image). np.std per window, windows
@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 
 def oracle_masks(segmentations, height, width):
-    """bool [N, H, W] GAMM masks as the authors' scripts rasterise them (GAINS_METHOD.md §2).
+    """bool [N, H, W] GAMM masks as the authors' scripts rasterise them (gains/METHOD.md §2).
 
     Polygon instances (lists of flat ``[x0, y0, x1, y1, ...]``): pixel (row m, col n) is inside iff
     ``Path(vertices).contains_points`` counts the point (x=n, y=m), tested on the whole H x W lattice (no bbox

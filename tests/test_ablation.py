@@ -76,6 +76,25 @@ def test_a_mask_wrong_only_where_cells_overlap_lowers_only_the_cto_measures(tmp_
     assert cut["non-CTO mAP"] == pytest.approx(100.0)
 
 
+def test_the_evaluation_cap_of_the_run_is_applied(tmp_path):
+    """12 empty-ish false positives score above the 3 true masks: with a cap of 10 detections per image (as
+    `test.max_dets_eval: 10` would score them) the true ones are cut; with no cap every GT is found."""
+    _gt_json(tmp_path / "test.json")
+    decoy = np.zeros((32, 32), bool)
+    decoy[0, 0] = True
+    folder = _fake_run(tmp_path / "out", "gains", 0, [decoy] * 12 + _masks(), tmp_path)
+    results = folder / "eval_final_test" / "results_test.json"
+    rows = json.loads(results.read_text())
+    for i, r in enumerate(rows):
+        r["score"] = 0.99 - 0.01 * i  # decoys first
+    results.write_text(json.dumps(rows))
+    capped = ablation_table.score_run(tmp_path / "test.json", results, max_dets=10)
+    uncapped = ablation_table.score_run(tmp_path / "test.json", results, max_dets=None)
+    assert capped["AP50"] == pytest.approx(0.0)
+    # all 3 found after the 12 decoys: precision 3/15 at full recall, and the envelope is 0.2 everywhere
+    assert uncapped["AP50"] == pytest.approx(20.0)
+
+
 def test_t_interval_by_hand():
     # diffs 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.3027 -> half width 4.3027 / sqrt(3) = 2.4841
     m, lo, hi = ablation_table.t_interval([1.0, 2.0, 3.0])

@@ -1,4 +1,4 @@
-"""AJI family (gains/aji.py): fixtures, the worked table of METRICS.md §4, mode relations, and
+"""AJI family (gains/aji.py): fixtures, the worked table of gains/METRICS.md §4, mode relations, and
 instance_metrics (the gains.metrics facade) sharing one intersection pass with them.
 
 Oracles: the expected values of fixtures/metrics/aji_cases.json (a reference AJI implementation checked
@@ -79,7 +79,7 @@ def _one_image(gt_masks, det_masks, size=20):
     return gts, dets
 
 
-WORKED = {  # METRICS.md §4: (GT masks, prediction masks) -> (aji_kumar, aji_plus, aji)
+WORKED = {  # gains/METRICS.md §4: (GT masks, prediction masks) -> (aji_kumar, aji_plus, aji)
     "perfect_overlapping": ([_box(0, 10, 0, 10), _box(5, 15, 5, 15)], [_box(0, 10, 0, 10), _box(5, 15, 5, 15)],
                             (1, 1, 1)),
     "shifted": ([_box(0, 10, 0, 10)], [_box(0, 10, 2, 12)], (80 / 120,) * 3),

@@ -1,4 +1,4 @@
-"""benchmarks/bench_ipc.py (quoted in README, "How long it takes") runs and prints its table; its timings
+"""benchmarks/bench_ipc.py (quoted in benchmarks/README.md) runs and prints its table; its timings
 mean nothing at this size, only that both ways of sending the targets arrive whole (the script asserts the
 received element count)."""
 from __future__ import annotations

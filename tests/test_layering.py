@@ -1,4 +1,4 @@
-"""The library's structure (README "Layout"): data flows one way through layers, each file in exactly one.
+"""The library's structure (gains/README.md, "Layout and the layer rule"): data flows one way through layers, each file in exactly one.
 
 Layers, lowest first; a module may import modules of its own layer or of lower ones, never of a higher one,
 and no gains module is imported inside a function (a local import hides a cycle instead of removing it).
@@ -62,7 +62,7 @@ MODULES = sorted(p.stem for p in GAINS.glob("*.py") if p.stem != "__init__")
 def test_every_module_has_a_layer():
     unplaced = [m for m in MODULES if m not in RANK]
     stale = [m for m in RANK if m not in MODULES]
-    assert not unplaced, f"place the new module(s) {unplaced} in a layer of tests/test_layering.py and README"
+    assert not unplaced, f"place the new module(s) {unplaced} in a layer of tests/test_layering.py and gains/README.md"
     assert not stale, f"{stale} are listed in LAYERS but no longer exist"
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/profile_step.py (quoted in README, "How long it takes") runs on a tiny config, from fresh weights
+"""benchmarks/profile_step.py (quoted in benchmarks/README.md) runs on a tiny config, from fresh weights
 and from a checkpoint's (--weights), and prints its phase table, the per-part forward times, the mask-head
 RoI count and, with --ops, torch.profiler's operator table; the figures of such a run mean nothing, only that
 every part runs."""
