@@ -516,14 +516,16 @@ def _check_result(r: Any, n: int, where: str, geometry: str) -> None:
 
 
 def check_coco_results(results: Any, gt: CocoGroundTruth, where: str = "results", *,
-                       geometry: str = "segmentation") -> None:
+                       geometry: str = "segmentation") -> dict[int, list[dict]]:
     """THE validator of a COCO results list against validated ground truth; DataError whose message starts
     with `where` (the file) and names the result's index, image id and the fix.
 
     Checks: a list of dicts with image_id, category_id, score and `geometry` ("segmentation": mask scores,
     "bbox": box AP); integer ids; finite scores; a bbox (when given, or `geometry` "bbox") of 4 finite
     numbers; every image id and category id declared by the ground truth; a segmentation well-formed for
-    its image's size when given, and for "segmentation" present, not empty, polygons of >= 3 points."""
+    its image's size when given, and for "segmentation" present, not empty, polygons of >= 3 points.
+    Returns the results of each ground-truth image (every image id has a list), in input order: the order
+    that decides score ties, as in pycocotools."""
     if geometry not in GEOMETRIES[1:]:
         raise ValueError(f"geometry must be one of {GEOMETRIES[1:]}, got {geometry!r}")
     if not isinstance(results, list):
@@ -544,6 +546,10 @@ def check_coco_results(results: Any, gt: CocoGroundTruth, where: str = "results"
     for n, r in enumerate(results):  # box AP ignores a segmentation, but a present one must still be sound
         _check_geometry(r.get("segmentation"), *gt.size(int(r["image_id"])),
                         f"{where}: result #{n} (image id {r['image_id']})", geometry == "segmentation")
+    by_image: dict[int, list[dict]] = {i: [] for i in gt.images}
+    for r in results:
+        by_image[int(r["image_id"])].append(r)
+    return by_image
 
 
 def _clean_segmentation(seg: Any, problems: _Problems, where: str) -> Any | None:

@@ -239,15 +239,12 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
     """
     max_dets = check_max_dets(max_dets, "max_dets (evaluate.py --max-dets)")
     truth = check_coco_gt(gt, gt_name, geometry="segmentation")
-    check_coco_results(results, truth, results_name)
+    dets = check_coco_results(results, truth, results_name)
     images, anns = truth.images, truth.annotations
     cat_ids, names = list(truth.categories.json_ids), list(truth.categories.names)
     if score_thresh is not None:
-        results = [r for r in results if r["score"] >= score_thresh]
-    dets = {i: [] for i in images}
-    for r in results:
-        dets[int(r["image_id"])].append(r)
-    with_boxes = all(r.get("bbox") is not None for r in results)
+        dets = {i: [r for r in rs if r["score"] >= score_thresh] for i, rs in dets.items()}
+    with_boxes = all(r.get("bbox") is not None for rs in dets.values() for r in rs)
     acc = MetricAccumulator()
     for n, image_id in enumerate(sorted(images)):
         (h, w), ga, dr = truth.size(image_id), anns[image_id], dets[image_id]
@@ -268,5 +265,5 @@ def evaluate_results(gt: dict, results: list[dict], aji_mode: str = "clean", sco
     # pycocotools (which sorts image ids).
     raw = acc.compute(cat_ids, aji_mode, with_boxes, max_dets, {n: i for n, i in enumerate(sorted(images))})
     return summarize(raw, cat_ids, names, split=split,
-                     num_images=len(images), num_detections=len(results), score_thresh=score_thresh,
+                     num_images=len(images), num_detections=sum(map(len, dets.values())), score_thresh=score_thresh,
                      aji_mode=aji_mode)

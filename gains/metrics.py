@@ -68,10 +68,7 @@ def _coco_images(gt: dict, results: list, iou_type: str, gt_name: str, results_n
     sorted category ids)."""
     geometry = "segmentation" if iou_type == "segm" else "bbox"
     truth = check_coco_gt(gt, gt_name, geometry=geometry)
-    check_coco_results(results, truth, results_name, geometry=geometry)
-    dets = {i: [] for i in truth.images}
-    for r in results:  # results order decides score ties, as in pycocotools
-        dets[int(r["image_id"])].append(r)
+    dets = check_coco_results(results, truth, results_name, geometry=geometry)
     out = []
     for i in sorted(truth.images):
         (h, w), ga, dr = truth.size(i), truth.annotations[i], dets[i]
